@@ -65,8 +65,16 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_attention_heads", "kv_channels",
-                     "multi_query_group_num", "ffn_hidden_size", "padded_vocab_size", "seq_length"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "kv_channels",
+            "multi_query_group_num",
+            "ffn_hidden_size",
+            "padded_vocab_size",
+            "seq_length",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config key {name!r} must be a positive integer, got {value!r}")

@@ -1,0 +1,235 @@
+"""The decoder, as math only: ``forward(tokens, positions, cache) -> logits``.
+
+One model serves ChatGLM2/ChatGLM3 and the Llama family (GGUF): the same pre-norm block with
+RMSNorm, rotary attention with grouped key/value heads, and a SwiGLU MLP. What differs is data in
+:class:`~glmrun.config.ModelConfig` (how much of each head rotates, QKV bias, tied embeddings).
+Module names mirror the official ChatGLM2 checkpoint keys so loading is a table lookup; see the
+reference implementation ``modeling_chatglm.py`` of THUDM/chatglm2-6b.
+
+The model never samples, prints, picks devices or reads files; layers may sit on different devices
+(the placement step puts them there) and the hidden state follows them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+
+__all__ = ["ChatGLMForCausalLM", "rotary_tables", "apply_rotary"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, *, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As the official RMSNorm: statistics in float32, result back in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+def rotary_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [B, T, rotary_dim/2] float32, for absolute ``positions`` [B, T]."""
+    rd = config.rotary_dim
+    exponent = torch.arange(0, rd, 2, device=positions.device, dtype=torch.float32) / rd
+    inv_freq = 1.0 / (config.rope_theta**exponent)  # [rd/2]
+    angles = positions.float()[..., None] * inv_freq  # [B, T, rd/2]
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``2*cos.shape[-1]`` dims of each head of ``x`` [B, T, H, D] in interleaved pairs.
+
+    The official layout rotates (x[2i], x[2i+1]) pairs of the first half of each 128-dim head
+    (``apply_rotary_pos_emb`` in modeling_chatglm.py); GGUF Llama files store q/k rows permuted so the
+    same pairwise rotation applies over the whole head.
+    """
+    rd = cos.shape[-1] * 2
+    rot, keep = x[..., :rd], x[..., rd:]
+    pairs = rot.float().unflatten(-1, (rd // 2, 2))  # [B, T, H, rd/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, rd/2]
+    rotated = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), keep), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, device: torch.device | None, dtype: torch.dtype | None):
+        super().__init__()
+        self.layer = layer
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.query_key_value = nn.Linear(
+            config.hidden_size, config.qkv_size, bias=config.add_qkv_bias, device=device, dtype=dtype
+        )
+        self.dense = nn.Linear(
+            self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear, device=device, dtype=dtype
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        positions: torch.Tensor,  # [B, T]
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        length: int,  # keys 0..length-1 are attended (the longest row's end)
+        causal_from_zero: bool,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.heads, self.kv_heads, self.head_dim
+        qkv = self.query_key_value(x)  # [B, T, (H + 2K) * D]
+        q, k, v = qkv.split((H * D, K * D, K * D), dim=-1)
+        q = apply_rotary(q.view(B, T, H, D), *rope)
+        k = apply_rotary(k.view(B, T, K, D), *rope)
+        v = v.view(B, T, K, D)
+        cache.write(self.layer, positions, k, v)
+        if causal_from_zero:
+            # Fresh prompt in one piece: plain causal attention over its own keys (flash-friendly).
+            qh = q.transpose(1, 2)  # [B, H, T, D]
+            kh, vh = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [B, K, T, D]
+            if K != H:
+                kh = kh.repeat_interleave(H // K, dim=1)
+                vh = vh.repeat_interleave(H // K, dim=1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)  # [B, H, T, D]
+            out = out.transpose(1, 2).reshape(B, T, H * D)
+            return self.dense(out)
+        keys, values = cache.view(self.layer, B, length)  # [B, K, L, D]
+        g = H // K
+        # Fold the g query heads that share a KV head into the query axis: no KV copies.
+        qf = q.view(B, T, K, g, D).permute(0, 2, 3, 1, 4).reshape(B, K, g * T, D)
+        key_pos = torch.arange(length, device=x.device)
+        mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, L]
+        mask = mask[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
+        out = F.scaled_dot_product_attention(qf, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        out = out.view(B, K, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
+        return self.dense(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, *, device: torch.device | None, dtype: torch.dtype | None):
+        super().__init__()
+        h, f = config.hidden_size, config.ffn_hidden_size
+        self.dense_h_to_4h = nn.Linear(h, 2 * f, bias=config.add_bias_linear, device=device, dtype=dtype)
+        self.dense_4h_to_h = nn.Linear(f, h, bias=config.add_bias_linear, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: gate rows first, as the official swiglu
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, device: torch.device | None, dtype: torch.dtype | None):
+        super().__init__()
+        eps = config.layernorm_epsilon
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, device=device, dtype=dtype)
+        self.self_attention = SelfAttention(config, layer, device=device, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, device=device, dtype=dtype)
+        self.mlp = MLP(config, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        length: int,
+        causal_from_zero: bool,
+    ) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), positions, rope, cache, length, causal_from_zero)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ModelConfig, *, device: torch.device | None, dtype: torch.dtype | None):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, device=device, dtype=dtype)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig, *, device: torch.device | None, dtype: torch.dtype | None):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config, i, device=device, dtype=dtype) for i in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device=device, dtype=dtype)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig, *, device: torch.device | None, dtype: torch.dtype | None):
+        super().__init__()
+        self.embedding = Embedding(config, device=device, dtype=dtype)
+        self.encoder = Encoder(config, device=device, dtype=dtype)
+        if not config.tie_word_embeddings:
+            self.output_layer = nn.Linear(
+                config.hidden_size, config.padded_vocab_size, bias=False, device=device, dtype=dtype
+            )
+
+
+class ChatGLMForCausalLM(nn.Module):
+    """``forward(tokens [B, T], positions [B, T], cache) -> logits`` for rows 0..B-1 of ``cache``."""
+
+    def __init__(
+        self, config: ModelConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ):
+        super().__init__()
+        self.config = config
+        dev = torch.device(device) if device is not None else None
+        self.transformer = Backbone(config, device=dev, dtype=dtype)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.transformer.encoder.layers
+
+    def layer_devices(self) -> list[torch.device]:
+        return [layer.input_layernorm.weight.device for layer in self.layers]
+
+    def output_weight(self) -> torch.Tensor:
+        if self.config.tie_word_embeddings:
+            return self.transformer.embedding.word_embeddings.weight
+        return self.transformer.output_layer.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T] long
+        positions: torch.Tensor,  # [B, T] long, absolute positions of these tokens in their rows
+        cache: KVCache,
+        *,
+        length: int | None = None,
+        logits: str = "last",  # "last": [B, V] at each row's last token; "all": [B, T, V]; "none": hidden only
+    ) -> torch.Tensor:
+        """Run the tokens through every layer, writing their keys/values into ``cache``.
+
+        ``length`` is how many key positions to attend (defaults to max(positions)+1; the scheduler
+        passes it so no device-to-host sync is needed). A row attends to keys at positions <= its
+        query's position, so rows of different lengths can share a step.
+        """
+        if length is None:
+            length = int(positions.max().item()) + 1
+        T = tokens.shape[1]
+        causal_from_zero = length == T and tokens.shape[0] == 1
+        emb = self.transformer.embedding.word_embeddings
+        x = emb(tokens.to(emb.weight.device))  # [B, T, hidden]
+        ropes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        pos_by_dev: dict[torch.device, torch.Tensor] = {}
+        for layer in self.layers:
+            dev = layer.input_layernorm.weight.device
+            if dev not in ropes:
+                pos_by_dev[dev] = positions.to(dev)
+                ropes[dev] = rotary_tables(self.config, pos_by_dev[dev])
+            x = layer(x.to(dev), pos_by_dev[dev], ropes[dev], cache, length, causal_from_zero)
+        x = self.transformer.encoder.final_layernorm(x.to(self.transformer.encoder.final_layernorm.weight.device))
+        if logits == "none":
+            return x
+        if logits == "last":
+            x = x[:, -1]  # [B, hidden]
+        weight = self.output_weight()
+        x = x.to(weight.device)
+        head = self.transformer.output_layer if not self.config.tie_word_embeddings else None
+        out = head(x) if head is not None else F.linear(x, weight)
+        return out.float()  # [B, V] or [B, T, V]

@@ -44,15 +44,16 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k``/``v`` ([B, T, kv_heads, head_dim]) of rows 0..B-1 at ``positions`` ([B, T])."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_row: int = 0) -> None:
+        """Store ``k``/``v`` ([B, T, kv_heads, head_dim]) of rows first_row.. at ``positions`` ([B, T])."""
+        rows = torch.arange(first_row, first_row + k.shape[0], device=k.device)[:, None]  # [B, 1]
         self.k[layer][rows, :, positions] = k.to(self.dtype)  # index dims first: [B, T, kvh, hd]
         self.v[layer][rows, :, positions] = v.to(self.dtype)
 
-    def view(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of rows 0..batch-1, positions 0..length-1 (views, no copy)."""
-        return self.k[layer][:batch, :, :length], self.v[layer][:batch, :, :length]
+    def view(self, layer: int, batch: int, length: int, first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``batch`` rows from ``first_row``, positions 0..length-1 (views, no copy)."""
+        rows = slice(first_row, first_row + batch)
+        return self.k[layer][rows, :, :length], self.v[layer][rows, :, :length]
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of row ``src`` into row ``dst`` (the scheduler compacts rows)."""

@@ -82,6 +82,7 @@ class SelfAttention(nn.Module):
         cache: KVCache,
         length: int,  # keys 0..length-1 are attended (the longest row's end)
         causal_from_zero: bool,
+        first_row: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.heads, self.kv_heads, self.head_dim
@@ -90,7 +91,7 @@ class SelfAttention(nn.Module):
         q = apply_rotary(q.view(B, T, H, D), *rope)
         k = apply_rotary(k.view(B, T, K, D), *rope)
         v = v.view(B, T, K, D)
-        cache.write(self.layer, positions, k, v)
+        cache.write(self.layer, positions, k, v, first_row)
         if causal_from_zero:
             # Fresh prompt in one piece: plain causal attention over its own keys (flash-friendly).
             qh = q.transpose(1, 2)  # [B, H, T, D]
@@ -101,13 +102,15 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)  # [B, H, T, D]
             out = out.transpose(1, 2).reshape(B, T, H * D)
             return self.dense(out)
-        keys, values = cache.view(self.layer, B, length)  # [B, K, L, D]
+        keys, values = cache.view(self.layer, B, length, first_row)  # [B, K, L, D]
         g = H // K
         # Fold the g query heads that share a KV head into the query axis: no KV copies.
         qf = q.view(B, T, K, g, D).permute(0, 2, 3, 1, 4).reshape(B, K, g * T, D)
-        key_pos = torch.arange(length, device=x.device)
-        mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, L]
-        mask = mask[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
+        mask = None
+        if B > 1 or T > 1:  # one row decoding one token sees all its keys: no mask needed
+            key_pos = torch.arange(length, device=x.device)
+            mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, L]
+            mask = mask[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
         out = F.scaled_dot_product_attention(qf, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
         out = out.view(B, K, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
         return self.dense(out)
@@ -142,8 +145,10 @@ class GLMBlock(nn.Module):
         cache: KVCache,
         length: int,
         causal_from_zero: bool,
+        first_row: int = 0,
     ) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), positions, rope, cache, length, causal_from_zero)
+        attn = self.self_attention(self.input_layernorm(x), positions, rope, cache, length, causal_from_zero, first_row)
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -201,13 +206,15 @@ class ChatGLMForCausalLM(nn.Module):
         cache: KVCache,
         *,
         length: int | None = None,
+        first_row: int = 0,
         logits: str = "last",  # "last": [B, V] at each row's last token; "all": [B, T, V]; "none": hidden only
     ) -> torch.Tensor:
         """Run the tokens through every layer, writing their keys/values into ``cache``.
 
         ``length`` is how many key positions to attend (defaults to max(positions)+1; the scheduler
         passes it so no device-to-host sync is needed). A row attends to keys at positions <= its
-        query's position, so rows of different lengths can share a step.
+        query's position, so rows of different lengths can share a step. The batch uses cache rows
+        ``first_row .. first_row + B - 1`` (the scheduler prefills one request into its own row).
         """
         if length is None:
             length = int(positions.max().item()) + 1
@@ -222,7 +229,7 @@ class ChatGLMForCausalLM(nn.Module):
             if dev not in ropes:
                 pos_by_dev[dev] = positions.to(dev)
                 ropes[dev] = rotary_tables(self.config, pos_by_dev[dev])
-            x = layer(x.to(dev), pos_by_dev[dev], ropes[dev], cache, length, causal_from_zero)
+            x = layer(x.to(dev), pos_by_dev[dev], ropes[dev], cache, length, causal_from_zero, first_row)
         x = self.transformer.encoder.final_layernorm(x.to(self.transformer.encoder.final_layernorm.weight.device))
         if logits == "none":
             return x

@@ -18,6 +18,7 @@ EXIT_OK, EXIT_RUNTIME, EXIT_INPUT, EXIT_NO_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 1
 
 # Subcommand modules, imported lazily so `glmrun ask` starts fast.
 _COMMANDS = {
+    "bench": "glmrun.bench",
     "chat": "glmrun.terminal",
     "ask": "glmrun.terminal",
     # "doctor": "glmrun.doctor",

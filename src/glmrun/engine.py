@@ -16,6 +16,7 @@ import torch
 
 from .cache import KVCache
 from .errors import ContextOverflowError, InvalidArgumentError
+from .fastpath import GraphDecoder, graphs_supported
 from .memory import raise_friendly_oom
 from .model import ChatGLMForCausalLM
 from .sampling import SamplingParams, StopStringMatcher, make_generator, make_sampler
@@ -96,6 +97,8 @@ class Engine:
             raise InvalidArgumentError(f"context length must be positive, got {context_length}")
         self.context_length = min(context_length, limit) if context_length else limit
         self.prefill_chunk = prefill_chunk
+        self.use_cuda_graphs = True
+        self._graph: GraphDecoder | None = None  # bound to the cache of the session decoding now
         self.lock = threading.Lock()  # one generation at a time per Engine; the scheduler batches instead
 
     @property
@@ -129,6 +132,8 @@ class Engine:
         if cache is not None and session.tokens:
             new.copy_prefix(cache, src_row=0, dst_row=0, length=len(session.tokens))
         if cache is not None:
+            if self._graph is not None and self._graph.cache is cache:
+                self._graph = None
             cache.free()
         session.cache = new
         return new
@@ -153,14 +158,25 @@ class Engine:
         assert logits is not None
         return logits
 
+    def graph_decoder(self, cache: KVCache) -> GraphDecoder | None:
+        """The CUDA-graph decoder for ``cache``, when the model sits on one GPU (else None: plain path)."""
+        if not self.use_cuda_graphs or not graphs_supported(self.model):
+            return None
+        if self._graph is None or self._graph.cache is not cache:
+            self._graph = GraphDecoder(self.model, cache)
+        return self._graph
+
     def decode_step(self, session: Session, token: int) -> torch.Tensor:
         cache = session.cache
         assert cache is not None
         dev = self._device()
         pos = len(session.tokens)
-        logits = self.model(
-            torch.tensor([[token]], device=dev), torch.tensor([[pos]], device=dev), cache, length=pos + 1
-        )
+        tokens, positions = torch.tensor([[token]], device=dev), torch.tensor([[pos]], device=dev)
+        decoder = self.graph_decoder(cache)
+        if decoder is not None:
+            logits = decoder.step(tokens, positions, pos + 1)
+        else:
+            logits = self.model(tokens, positions, cache, length=pos + 1)
         session.tokens.append(token)
         return logits
 

@@ -179,12 +179,14 @@ def load_model(
     progress: bool = True,
 ) -> tuple[ChatGLMForCausalLM, Tokenizer]:
     """Build the model on ``meta`` and stream the checkpoint's tensors into place."""
+    reader = None
     if ckpt.kind == "gguf":
         from .gguf_file import gguf_config
-        from .gguf_meta import read_gguf_metadata
+        from .gguf_meta import open_gguf, read_gguf_metadata
 
-        meta = read_gguf_metadata(ckpt.path)
-        config = gguf_config(meta, source=str(ckpt.path))
+        reader = open_gguf(ckpt.path)  # parsed once: metadata, config and tensors all come from it
+        meta = read_gguf_metadata(reader)
+        config = gguf_config(meta, source=str(ckpt.path), tensor_names=[t.name for t in reader.tensors])
         tokenizer: Tokenizer = GGUFTokenizer.from_metadata(meta)
     else:
         config = load_chatglm_config(ckpt.path)
@@ -224,10 +226,10 @@ def load_model(
 
     account = TensorAccount(expected, source=str(ckpt.path))
     with _progress_bar(f"loading {ckpt.model_id}", progress) as bar:
-        if ckpt.kind == "gguf":
+        if reader is not None:
             from .gguf_file import iter_gguf_tensors
 
-            source = iter_gguf_tensors(ckpt.path, config, dtype=torch.float32)
+            source = iter_gguf_tensors(reader, config, dtype=torch.float32)
         else:
             source = iter_tensors(ckpt.path, progress=bar)
         for name, tensor in source:

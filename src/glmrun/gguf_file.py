@@ -1,0 +1,343 @@
+"""Llama-family ``.gguf`` files as a :class:`~glmrun.config.ModelConfig` and a stream of official-name tensors.
+
+One responsibility: translate a GGUF file (llama.cpp's format) into what the rest of glmrun already
+understands. :func:`gguf_config` maps the file's metadata onto the ChatGLM2 config fields (family
+``"llama"``); :func:`iter_gguf_tensors` dequantizes the memory-mapped tensors one at a time and yields
+them under the official ChatGLM2 names of ``docs/CONTRACTS.md`` (q/k/v rows fused into
+``query_key_value``, gate/up rows into ``dense_h_to_4h``), so the weights step does its usual strict
+accounting. Reading metadata is :mod:`glmrun.gguf_meta`'s job.
+
+Opening a GGUF parses every metadata field (seconds for a 50k-token vocabulary), so every function
+here takes either a path or a ``GGUFReader`` from :func:`glmrun.gguf_meta.open_gguf`: open once, pass
+the reader on.
+
+Keeping weights packed (a door for a later change): today every tensor is dequantized to ``dtype``.
+:func:`gguf_tensor_types` returns each tensor's ggml type name (``"Q4_1"``, ``"Q8_0"``, ``"F32"``...)
+without touching tensor data, so a placement plan can choose the tensors to keep in their GGUF blocks
+(Q4_0/Q4_1/Q8_0 are 4/8-bit group quantization with 32 values a group) and read the raw blocks from
+``reader.tensors[i].data`` instead of taking them from :func:`iter_gguf_tensors`; the row order of
+each tensor is the one used here, so fusing packed q/k/v or gate/up rows is a concatenation too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.gguf_reader import ReaderTensor
+from gguf.quants import dequantize
+
+from .config import ModelConfig
+from .errors import ConfigError, InvalidArgumentError, UnsupportedModelError, WeightsMismatchError
+from .gguf_meta import open_gguf, read_gguf_metadata
+
+__all__ = [
+    "KNOWN_IGNORED",
+    "GGUFSource",
+    "gguf_config",
+    "gguf_tensor_types",
+    "is_known_ignored",
+    "iter_gguf_tensors",
+    "load_gguf_config",
+]
+
+GGUFSource = str | os.PathLike[str] | GGUFReader
+
+# GGUF tensors that carry nothing the model needs (``{i}`` stands for a block index):
+# - ``blk.{i}.attn_rot_embd.weight``: a stored copy of the rotary inv_freq, which the model derives
+#   from llama.rope.freq_base, like the official ``transformer.rotary_pos_emb.inv_freq``.
+# - ``rope_freqs.weight``: per-frequency divisors (Llama-3.1 style rope scaling). Skipped only when
+#   every factor is 1; :func:`iter_gguf_tensors` refuses a file where it would change the model.
+KNOWN_IGNORED: frozenset[str] = frozenset({"blk.{i}.attn_rot_embd.weight", "rope_freqs.weight"})
+
+_BLOCK_PREFIX = re.compile(r"^blk\.\d+\.")
+
+# Official suffix under ``transformer.encoder.layers.{i}.`` -> the GGUF tensors of block i whose rows
+# are stacked, in this order, to form it.
+_LAYER_MAP: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input_layernorm.weight", ("attn_norm",)),
+    ("self_attention.query_key_value.weight", ("attn_q", "attn_k", "attn_v")),
+    ("self_attention.dense.weight", ("attn_output",)),
+    ("post_attention_layernorm.weight", ("ffn_norm",)),
+    ("mlp.dense_h_to_4h.weight", ("ffn_gate", "ffn_up")),
+    ("mlp.dense_4h_to_h.weight", ("ffn_down",)),
+)
+
+# Rotary layout, the one quirk of this mapping. Hugging Face Llama checkpoints rotate the two halves
+# of each head (x[j] with x[j + d/2]). llama.cpp's converter permutes the q and k rows of every head
+# so that the pair (j, j + d/2) lands on rows (2j, 2j + 1): ``LlamaModel.permute``,
+# reshape(n_head, 2, d/2, n_in).swapaxes(1, 2), in
+# https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py
+# and llama.cpp runs arch "llama" with its "normal" rope on adjacent pairs (``llama_model_rope_type``:
+# LLM_ARCH_LLAMA -> LLAMA_ROPE_TYPE_NORM, https://github.com/ggml-org/llama.cpp/blob/master/src/llama-model.cpp).
+# transformers, which rotates halves, undoes the permutation when it reads a GGUF
+# (``LlamaTensorProcessor._reverse_permute_weights`` in
+# https://github.com/huggingface/transformers/blob/main/src/transformers/modeling_gguf_pytorch_utils.py).
+# glmrun rotates adjacent pairs (x[2i], x[2i + 1]) with inv_freq[i] = theta ** (-2i / rotary_dim), the
+# stored layout, so attn_q / attn_k rows are used as stored. tests/test_gguf_file.py checks this
+# against transformers' weights and rotary embedding.
+
+
+def is_known_ignored(name: str) -> bool:
+    """Whether a GGUF tensor name is one of :data:`KNOWN_IGNORED` (its block index read as ``{i}``)."""
+    return _BLOCK_PREFIX.sub("blk.{i}.", name) in KNOWN_IGNORED
+
+
+# Config ---------------------------------------------------------------------------------------
+
+
+def gguf_config(metadata: Mapping[str, Any], *, source: str, tensor_names: Iterable[str] | None = None) -> ModelConfig:
+    """Map GGUF metadata (``general.*``, ``llama.*``, ``tokenizer.ggml.*`` keys) onto a :class:`ModelConfig`.
+
+    ``tensor_names`` (the file's tensor names) decides ``tie_word_embeddings``: the embedding doubles
+    as the output layer when the file has no ``output.weight``, and no metadata key says so. Without
+    it, ``source`` must be the file's path and the file is opened again to list them (seconds for a
+    large vocabulary): pass the names of an open reader, or call :func:`load_gguf_config`.
+    """
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise UnsupportedModelError(
+            f"{source}: general.architecture is {arch!r}; glmrun runs GGUF files of architecture 'llama' "
+            "(Llama, Mistral, SmolLM2, TinyLlama...) and ChatGLM2-6B / ChatGLM3-6B folders"
+        )
+    if int(metadata.get("llama.expert_count", 0) or 0) > 0:
+        raise UnsupportedModelError(
+            f"{source}: llama.expert_count is {metadata['llama.expert_count']}; mixture-of-experts models "
+            "(Mixtral) are not supported"
+        )
+    _check_rope_scaling(metadata, source)
+    if tensor_names is None:
+        if not Path(source).is_file():
+            raise ConfigError(
+                f"{source}: gguf_config needs tensor_names (or source naming the .gguf file) to tell whether "
+                "the output layer is tied to the embedding"
+            )
+        tensor_names = [t.name for t in open_gguf(source).tensors]
+
+    def need(key: str) -> Any:
+        if key not in metadata:
+            raise ConfigError(f"{source}: required GGUF metadata key {key!r} is missing")
+        return metadata[key]
+
+    try:
+        hidden = int(need("llama.embedding_length"))
+        heads = int(need("llama.attention.head_count"))
+        head_dim = _head_dim(metadata, hidden, heads, source)
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            vocab = len(tokens)
+        elif "llama.vocab_size" in metadata:
+            vocab = int(metadata["llama.vocab_size"])
+        else:
+            raise ConfigError(f"{source}: neither tokenizer.ggml.tokens nor llama.vocab_size is present")
+        eos_ids = [int(need("tokenizer.ggml.eos_token_id"))]
+        # llama.cpp also ends generation on the end-of-turn / end-of-message tokens a file names.
+        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            if key in metadata and int(metadata[key]) not in eos_ids:
+                eos_ids.append(int(metadata[key]))
+        pad = metadata.get("tokenizer.ggml.padding_token_id")
+        return ModelConfig(
+            hidden_size=hidden,
+            num_layers=int(need("llama.block_count")),
+            num_attention_heads=heads,
+            kv_channels=head_dim,
+            multi_query_group_num=int(metadata.get("llama.attention.head_count_kv", heads)),
+            ffn_hidden_size=int(need("llama.feed_forward_length")),
+            padded_vocab_size=vocab,
+            seq_length=int(need("llama.context_length")),
+            layernorm_epsilon=float(need("llama.attention.layer_norm_rms_epsilon")),
+            rope_base=float(metadata.get("llama.rope.freq_base", 10000.0)),
+            rope_ratio=1.0,
+            rotary_dim=int(metadata.get("llama.rope.dimension_count", head_dim)),
+            add_qkv_bias=False,
+            add_bias_linear=False,
+            tie_word_embeddings="output.weight" not in set(tensor_names),
+            torch_dtype="float32",
+            family="llama",
+            eos_token_ids=tuple(eos_ids),
+            pad_token_id=int(pad) if pad is not None else 0,
+            extra={k: metadata[k] for k in ("general.name", "general.file_type") if k in metadata},
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _head_dim(metadata: Mapping[str, Any], hidden: int, heads: int, source: str) -> int:
+    if "llama.attention.key_length" in metadata:
+        head_dim = int(metadata["llama.attention.key_length"])
+    elif hidden % heads:
+        raise ConfigError(
+            f"{source}: llama.embedding_length {hidden} is not a multiple of llama.attention.head_count {heads} "
+            "and llama.attention.key_length is missing"
+        )
+    else:
+        head_dim = hidden // heads
+    value_dim = int(metadata.get("llama.attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedModelError(
+            f"{source}: llama.attention.value_length {value_dim} differs from the key length {head_dim}"
+        )
+    return head_dim
+
+
+def _check_rope_scaling(metadata: Mapping[str, Any], source: str) -> None:
+    """Refuse rope scaling that glmrun's rotary embedding does not reproduce (anything but a factor of 1)."""
+    kind = str(metadata.get("llama.rope.scaling.type", "none")).lower()
+    factor = float(metadata.get("llama.rope.scaling.factor", 1.0) or 1.0)
+    old_linear = float(metadata.get("llama.rope.scale_linear", 1.0) or 1.0)  # older converters' key
+    if kind not in ("none", "linear") or factor != 1.0 or old_linear != 1.0:
+        raise UnsupportedModelError(
+            f"{source}: rope scaling {kind!r} (factor {factor if old_linear == 1.0 else old_linear}) is not "
+            "supported; glmrun runs GGUF files without rope scaling"
+        )
+
+
+def load_gguf_config(source: GGUFSource) -> ModelConfig:
+    """The :class:`ModelConfig` of a ``.gguf`` file (path or open reader), from its metadata and tensor names."""
+    reader = _reader(source)
+    return gguf_config(
+        read_gguf_metadata(reader), source=_describe(reader), tensor_names=[t.name for t in reader.tensors]
+    )
+
+
+# Tensors --------------------------------------------------------------------------------------
+
+
+def gguf_tensor_types(source: GGUFSource) -> dict[str, str]:
+    """Every tensor of the file, name -> ggml type name (``"F32"``, ``"Q4_1"``...), in file order."""
+    return {t.name: t.tensor_type.name for t in _reader(source).tensors}
+
+
+def iter_gguf_tensors(
+    source: GGUFSource,
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    strict: bool = True,
+    skipped: list[str] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(official name, tensor)``: the embedding, each layer in order, the final norm, the output.
+
+    Tensors are dequantized one at a time from the memory-mapped file and fused per layer, so no more
+    than one layer's pieces are held besides what the caller keeps. Before the first yield the file is
+    checked against ``config``: a missing or wrongly shaped tensor raises WeightsMismatchError, and so,
+    when ``strict``, does a tensor that maps to nothing and is not :func:`is_known_ignored` (glmrun would
+    run without it: attention biases, experts...). Every GGUF name that maps to nothing is appended to
+    ``skipped`` when a list is given, for a caller that does its own accounting with ``strict=False``.
+    """
+    if not dtype.is_floating_point:
+        raise InvalidArgumentError(f"dtype must be a floating point torch dtype, got {dtype}")
+    reader = _reader(source)
+    where = _describe(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    wanted = _expected_gguf_shapes(config)
+    missing = [name for name in wanted if name not in tensors]
+    if missing:
+        raise WeightsMismatchError(f"{where}: tensors missing from the file: {_listed(missing)}")
+    for name, shape in wanted.items():
+        found = _torch_shape(tensors[name])
+        if found != shape:
+            raise WeightsMismatchError(
+                f"{where}: tensor {name} has shape {list(found)}, the config needs {list(shape)}"
+            )
+    unused = [name for name in tensors if name not in wanted]
+    unknown = [name for name in unused if not is_known_ignored(name)]
+    if strict and unknown:
+        raise WeightsMismatchError(
+            f"{where}: tensors glmrun has no place for: {_listed(unknown)}; this Llama variant is not supported"
+        )
+    if "rope_freqs.weight" in tensors:
+        factors = _dequantize(tensors["rope_freqs.weight"], where, torch.float32)
+        if not bool(torch.all(factors == 1.0)):
+            raise UnsupportedModelError(
+                f"{where}: rope_freqs.weight rescales the rotary frequencies (Llama-3.1 style rope scaling), "
+                "which glmrun does not support"
+            )
+    if skipped is not None:
+        skipped.extend(unused)
+    return _stream(tensors, config, where, dtype)
+
+
+def _stream(
+    tensors: Mapping[str, ReaderTensor], config: ModelConfig, where: str, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    def load(name: str) -> torch.Tensor:
+        return _dequantize(tensors[name], where, dtype)
+
+    yield "transformer.embedding.word_embeddings.weight", load("token_embd.weight")
+    for i in range(config.num_layers):
+        for suffix, pieces in _LAYER_MAP:
+            parts = [load(f"blk.{i}.{piece}.weight") for piece in pieces]
+            fused = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # rows: q, k, v / gate, up
+            del parts
+            yield f"transformer.encoder.layers.{i}.{suffix}", fused
+    yield "transformer.encoder.final_layernorm.weight", load("output_norm.weight")
+    if not config.tie_word_embeddings:
+        yield "transformer.output_layer.weight", load("output.weight")
+
+
+def _expected_gguf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> torch shape of every tensor the config needs, in the order they are yielded."""
+    h, f, v = config.hidden_size, config.ffn_hidden_size, config.padded_vocab_size
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_kv_heads * config.head_dim
+    per_layer: dict[str, tuple[int, ...]] = {
+        "attn_norm": (h,),
+        "attn_q": (q_rows, h),
+        "attn_k": (kv_rows, h),
+        "attn_v": (kv_rows, h),
+        "attn_output": (h, q_rows),
+        "ffn_norm": (h,),
+        "ffn_gate": (f, h),
+        "ffn_up": (f, h),
+        "ffn_down": (h, f),
+    }
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (v, h)}
+    for i in range(config.num_layers):
+        for piece, shape in per_layer.items():
+            shapes[f"blk.{i}.{piece}.weight"] = shape
+    shapes["output_norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["output.weight"] = (v, h)
+    return shapes
+
+
+def _torch_shape(tensor: ReaderTensor) -> tuple[int, ...]:
+    # ggml lists dimensions innermost first: ne = [n_in, n_out] is a torch [n_out, n_in] matrix.
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _dequantize(tensor: ReaderTensor, where: str, dtype: torch.dtype) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor of ``dtype`` and torch shape, owning its memory."""
+    qtype = tensor.tensor_type
+    try:
+        values = dequantize(tensor.data, qtype)
+    except NotImplementedError as exc:
+        raise UnsupportedModelError(
+            f"{where}: tensor {tensor.name} is stored as {qtype.name}, which glmrun cannot dequantize; use a file "
+            "quantized as F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant (Q2_K..Q6_K)"
+        ) from exc
+    values = np.asarray(values, dtype=np.float32).reshape(_torch_shape(tensor))
+    if not values.flags.writeable:  # F32 data is a view of the read-only memory map
+        values = values.copy()
+    return torch.from_numpy(values).to(dtype)
+
+
+def _reader(source: GGUFSource) -> GGUFReader:
+    return source if isinstance(source, GGUFReader) else open_gguf(source)
+
+
+def _describe(reader: GGUFReader) -> str:
+    """The file name for messages (a GGUFReader keeps it on its memory map)."""
+    return str(getattr(reader.data, "filename", None) or "GGUF file")
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -174,9 +174,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--no-graphs", action="store_true", help="disable CUDA graphs (plain decode path)")
     p.add_argument(
         "--baseline",
-        choices=["hf"],
+        choices=["hf", "hf-prefill"],
         default=None,
-        help="also time transformers' GlmForCausalLM (eager and static-cache compiled)",
+        help="also time transformers' GlmForCausalLM on the same weights: hf = prefill, eager and static-cache "
+        "compiled generate(); hf-prefill = prefill only",
     )
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.set_defaults(func=run)
@@ -247,11 +248,16 @@ def run(args: argparse.Namespace) -> int:
         "cuda_graphs": not args.no_graphs and graphs_supported(model),
         "glmrun": {k: v for k, v in asdict(stats).items() if k != "tokens"},
     }
-    if args.baseline == "hf":
+    if args.baseline:
         from .bench_hf import time_transformers
 
         result["baseline_hf"] = time_transformers(
-            model, stats, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch
+            model,
+            stats,
+            prompt_len=args.prompt_len,
+            gen_len=args.gen_len,
+            batch=args.batch,
+            generate=args.baseline == "hf",
         )
     print(_table(result))
     if args.json:

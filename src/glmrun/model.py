@@ -12,9 +12,12 @@ The model never samples, prints, picks devices or reads files; layers may sit on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .cache import KVCache
 from .config import ModelConfig
@@ -60,6 +63,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rotated.to(x.dtype), keep), dim=-1)
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """What every layer on one device needs for this forward, computed once per device."""
+
+    positions: torch.Tensor  # [B, T]
+    cos: torch.Tensor  # [B, T, rotary_dim/2] float32
+    sin: torch.Tensor
+    length: int  # keys 0..length-1 exist for this step
+    first_row: int  # the batch uses cache rows first_row..first_row+B-1
+    mode: str  # "causal" (fresh prompt), "chunk" (later prompt chunk, one row) or "rows" (decode)
+    mask: torch.Tensor | None  # "rows" mode: [B, 1, g*T, L] bool, None when every key is visible
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, *, device: torch.device | None, dtype: torch.dtype | None):
         super().__init__()
@@ -74,46 +90,35 @@ class SelfAttention(nn.Module):
             self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear, device=device, dtype=dtype
         )
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, T, hidden]
-        positions: torch.Tensor,  # [B, T]
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache,
-        length: int,  # keys 0..length-1 are attended (the longest row's end)
-        causal_from_zero: bool,
-        first_row: int,
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        B, T, _ = x.shape  # x: [B, T, hidden]
         H, K, D = self.heads, self.kv_heads, self.head_dim
         qkv = self.query_key_value(x)  # [B, T, (H + 2K) * D]
         q, k, v = qkv.split((H * D, K * D, K * D), dim=-1)
-        q = apply_rotary(q.view(B, T, H, D), *rope)
-        k = apply_rotary(k.view(B, T, K, D), *rope)
+        q = apply_rotary(q.view(B, T, H, D), step.cos, step.sin)
+        k = apply_rotary(k.view(B, T, K, D), step.cos, step.sin)
         v = v.view(B, T, K, D)
-        cache.write(self.layer, positions, k, v, first_row)
-        if causal_from_zero:
-            # Fresh prompt in one piece: plain causal attention over its own keys (flash-friendly).
-            qh = q.transpose(1, 2)  # [B, H, T, D]
-            kh, vh = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [B, K, T, D]
-            if K != H:
-                kh = kh.repeat_interleave(H // K, dim=1)
-                vh = vh.repeat_interleave(H // K, dim=1)
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)  # [B, H, T, D]
-            out = out.transpose(1, 2).reshape(B, T, H * D)
-            return self.dense(out)
-        keys, values = cache.view(self.layer, B, length, first_row)  # [B, K, L, D]
+        cache.write(self.layer, step.positions, k, v, step.first_row)
+        if step.mode == "causal":
+            # A fresh prompt in one piece: causal attention over its own keys (flash / cuDNN kernels).
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=K != H
+            )  # [B, H, T, D]
+            return self.dense(out.transpose(1, 2).reshape(B, T, H * D))
+        keys, values = cache.view(self.layer, B, step.length, step.first_row)  # [B, K, L, D]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        if step.mode == "chunk":
+            # A later chunk of one prompt: its T queries are the last T of L keys (lower-right causal).
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=causal_lower_right(T, step.length), enable_gqa=K != H
+            )
+            return self.dense(out.transpose(1, 2).reshape(B, T, H * D))
+        # Decode rows: fold the g query heads that share a KV head into the query axis (no KV copies);
+        # each row attends to keys at positions <= its own (step.mask, [B, 1, g*T, L]).
         g = H // K
-        # Fold the g query heads that share a KV head into the query axis: no KV copies.
         qf = q.view(B, T, K, g, D).permute(0, 2, 3, 1, 4).reshape(B, K, g * T, D)
-        mask = None
-        if B > 1 or T > 1:  # one row decoding one token sees all its keys: no mask needed
-            key_pos = torch.arange(length, device=x.device)
-            mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, L]
-            mask = mask[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
-        out = F.scaled_dot_product_attention(qf, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
-        out = out.view(B, K, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
-        return self.dense(out)
+        out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=step.mask)
+        return self.dense(out.view(B, K, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -137,18 +142,8 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, device=device, dtype=dtype)
         self.mlp = MLP(config, device=device, dtype=dtype)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache,
-        length: int,
-        causal_from_zero: bool,
-        first_row: int = 0,
-    ) -> torch.Tensor:
-        attn = self.self_attention(self.input_layernorm(x), positions, rope, cache, length, causal_from_zero, first_row)
-        x = x + attn
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), step, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -199,6 +194,16 @@ class ChatGLMForCausalLM(nn.Module):
             return self.transformer.embedding.word_embeddings.weight
         return self.transformer.output_layer.weight
 
+    def _step_inputs(self, positions: torch.Tensor, length: int, first_row: int, mode: str, masked: bool) -> StepInputs:
+        cos, sin = rotary_tables(self.config, positions)
+        mask = None
+        B, T = positions.shape
+        if mode == "rows" and (masked or B > 1 or T > 1):
+            g = self.config.num_attention_heads // self.config.num_kv_heads
+            visible = torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None]
+            mask = visible[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
+        return StepInputs(positions, cos, sin, length, first_row, mode, mask)
+
     def forward(
         self,
         tokens: torch.Tensor,  # [B, T] long
@@ -208,6 +213,7 @@ class ChatGLMForCausalLM(nn.Module):
         length: int | None = None,
         first_row: int = 0,
         logits: str = "last",  # "last": [B, V] at each row's last token; "all": [B, T, V]; "none": hidden only
+        masked: bool = False,  # always mask keys by position (CUDA graphs replay with a padded length)
     ) -> torch.Tensor:
         """Run the tokens through every layer, writing their keys/values into ``cache``.
 
@@ -218,18 +224,19 @@ class ChatGLMForCausalLM(nn.Module):
         """
         if length is None:
             length = int(positions.max().item()) + 1
-        T = tokens.shape[1]
-        causal_from_zero = length == T and tokens.shape[0] == 1
+        B, T = tokens.shape
+        if B == 1 and T > 1 and not masked:
+            mode = "causal" if length == T else "chunk"
+        else:
+            mode = "rows"
         emb = self.transformer.embedding.word_embeddings
         x = emb(tokens.to(emb.weight.device))  # [B, T, hidden]
-        ropes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        pos_by_dev: dict[torch.device, torch.Tensor] = {}
+        steps: dict[torch.device, StepInputs] = {}
         for layer in self.layers:
             dev = layer.input_layernorm.weight.device
-            if dev not in ropes:
-                pos_by_dev[dev] = positions.to(dev)
-                ropes[dev] = rotary_tables(self.config, pos_by_dev[dev])
-            x = layer(x.to(dev), pos_by_dev[dev], ropes[dev], cache, length, causal_from_zero, first_row)
+            if dev not in steps:
+                steps[dev] = self._step_inputs(positions.to(dev), length, first_row, mode, masked)
+            x = layer(x.to(dev), steps[dev], cache)
         x = self.transformer.encoder.final_layernorm(x.to(self.transformer.encoder.final_layernorm.weight.device))
         if logits == "none":
             return x

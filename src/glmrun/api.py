@@ -14,7 +14,7 @@ from .config import ModelConfig, QuantSpec
 from .engine import Engine, GenerationResult, Session, StreamChunk
 from .errors import GlmrunError, InvalidArgumentError
 from .loader import Checkpoint, load_model, parse_device, resolve_checkpoint
-from .memory import cuda_devices_of, memory_snapshot, release, reset_peaks
+from .memory import cuda_devices_of, release, reset_peaks
 from .model import ChatGLMForCausalLM
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -113,9 +113,11 @@ class GLMModel:
     def devices(self) -> list[torch.device]:
         return sorted(set(self._engine().model.layer_devices()), key=str)
 
-    def memory_report(self) -> dict[str, dict[str, int]]:
-        """Allocated / reserved / peak bytes per GPU (empty on the CPU)."""
-        return memory_snapshot(cuda_devices_of(self._engine().model))
+    def memory_report(self) -> dict[str, dict[str, Any]]:
+        """Per GPU: allocated / peak / reserved bytes, next to the plan's predicted peak (empty on the CPU)."""
+        from .placement_apply import predicted_vs_actual
+
+        return predicted_vs_actual(self.plan, cuda_devices_of(self._engine().model))
 
     def reset_peak_memory(self) -> None:
         reset_peaks(cuda_devices_of(self._engine().model))
@@ -220,6 +222,7 @@ def load(
     devices: Sequence[int] | None = None,
     max_memory: dict[int, int] | None = None,
     context: int | None = None,
+    prefill_chunk: int = 2048,
     progress: bool = True,
 ) -> GLMModel:
     """Load a ChatGLM2/3 folder or a GGUF file (default: $GLMRUN_MODEL, else the embedded SmolLM2).

@@ -247,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
         "prefill_chunk": args.prefill_chunk,
         "cuda_graphs": not args.no_graphs and graphs_supported(model),
         "glmrun": {k: v for k, v in asdict(stats).items() if k != "tokens"},
+        "greedy_tokens": stats.tokens[:64],  # row 0: to check that other paths (no graphs, 2 GPUs) agree
     }
     if args.baseline:
         from .bench_hf import time_transformers

@@ -4,8 +4,8 @@ A decode step of ChatGLM2-6B launches hundreds of small kernels; replaying them 
 removes Python and launch overhead from the critical path. The graph is bound to one
 :class:`~glmrun.cache.KVCache` (its buffers' addresses are baked in) and reads keys up to a padded
 length bucket, masking each row's keys by position, so one graph serves every length in its bucket.
-Graphs are captured lazily on first use and share one memory pool. On the CPU, or for a model split
-over several devices, :func:`graphs_supported` says no and the plain path is used.
+Graphs are captured lazily on first use and share one memory pool per device. A model split over
+several GPUs gets one graph per GPU segment, replayed in turn. On the CPU the plain path is used.
 """
 
 from __future__ import annotations
@@ -15,16 +15,26 @@ import torch
 from .cache import KVCache
 from .model import ChatGLMForCausalLM
 
-__all__ = ["GraphDecoder", "graphs_supported", "length_bucket"]
+__all__ = ["GraphDecoder", "graphs_supported", "length_bucket", "device_segments"]
 
 _MIN_BUCKET = 256
-_Entry = tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]  # graph, tokens, positions, logits
 
 
 def graphs_supported(model: ChatGLMForCausalLM) -> bool:
-    devices = set(model.layer_devices())
-    devices.add(model.output_weight().device)
-    return len(devices) == 1 and next(iter(devices)).type == "cuda"
+    """CUDA graphs need every layer on a GPU; a model split over GPUs gets one graph per GPU."""
+    return all(d.type == "cuda" for d in model.layer_devices()) and model.output_weight().device.type == "cuda"
+
+
+def device_segments(model: ChatGLMForCausalLM) -> list[tuple[torch.device, range]]:
+    """Contiguous runs of layers on one device, in order."""
+    segments: list[tuple[torch.device, range]] = []
+    start = 0
+    devices = model.layer_devices()
+    for i in range(1, len(devices) + 1):
+        if i == len(devices) or devices[i] != devices[start]:
+            segments.append((devices[start], range(start, i)))
+            start = i
+    return segments
 
 
 def length_bucket(length: int, max_len: int) -> int:
@@ -35,61 +45,78 @@ def length_bucket(length: int, max_len: int) -> int:
     return min(bucket, max_len)
 
 
+class _Segment:
+    """One device's part of a decode step, captured as one graph."""
+
+    def __init__(
+        self, graph: torch.cuda.CUDAGraph, inputs: torch.Tensor, positions: torch.Tensor, output: torch.Tensor
+    ) -> None:
+        self.graph, self.inputs, self.positions, self.output = graph, inputs, positions, output
+
+
 class GraphDecoder:
-    """Replays captured decode steps for rows 0..batch-1 of one cache."""
+    """Replays captured decode steps for rows 0..batch-1 of one cache (one graph per device segment)."""
 
     def __init__(self, model: ChatGLMForCausalLM, cache: KVCache) -> None:
         self.model = model
         self.cache = cache
-        self.device = model.output_weight().device
-        self.graphs: dict[tuple[int, int], _Entry] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.segments = device_segments(model)
+        self.graphs: dict[tuple[int, int], list[_Segment]] = {}
+        self.pools = {dev: torch.cuda.graph_pool_handle() for dev, _ in self.segments}
 
-    def _capture(
-        self, batch: int, bucket: int
-    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
-        positions = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+    def _capture(self, batch: int, bucket: int) -> list[_Segment]:
+        model, cache = self.model, self.cache
+        captured: list[_Segment] = []
+        inputs: torch.Tensor = torch.zeros((batch, 1), dtype=torch.long, device=self.segments[0][0])
+        for k, (dev, layers) in enumerate(self.segments):
+            positions = torch.zeros((batch, 1), dtype=torch.long, device=dev)
+            seg_in = inputs if k == 0 else torch.zeros_like(inputs, device=dev)
+            last = k == len(self.segments) - 1
 
-        def step() -> torch.Tensor:
-            return self.model(tokens, positions, self.cache, length=bucket, masked=True)
+            def step(
+                seg_in: torch.Tensor = seg_in,
+                positions: torch.Tensor = positions,
+                layers: range = layers,
+                first: bool = k == 0,
+                last: bool = last,
+            ) -> torch.Tensor:
+                x = model.embed(seg_in) if first else seg_in
+                x = model.run_layers(x, positions, cache, layers, length=bucket, masked=True)
+                return model.head(x, "last") if last else x
 
-        # Warm up on a side stream (cuBLAS handles, workspace) before capturing, as torch's docs advise.
-        # The warm-up writes position 0's keys of these rows; callers capture before prefilling.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = step()
-        return graph, tokens, positions, logits
-
-    def prepare(self, batch: int, length: int) -> None:
-        """Capture the graph for this batch and length now (before prefill: capture writes row keys)."""
-        key = (batch, length_bucket(length, self.cache.max_len))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            with torch.cuda.device(dev):
+                # Warm up on a side stream (cuBLAS handles, workspaces) before capturing, as torch advises.
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        out = step()
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pools[dev]):
+                    out = step()
+            captured.append(_Segment(graph, seg_in, positions, out))
+            inputs = out
+        return captured
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """Logits [batch, V] for ``tokens``/``positions`` [batch, 1]; ``length`` = max position + 1."""
         batch = tokens.shape[0]
         key = (batch, length_bucket(length, self.cache.max_len))
-        entry = self.graphs.get(key)
-        if entry is None:
-            # Capturing writes garbage keys at position 0 of rows 0..batch-1: keep the real ones.
-            saved = [
-                (k[:batch, :, :1].clone(), v[:batch, :, :1].clone())
-                for k, v in zip(self.cache.k, self.cache.v, strict=True)
-            ]
-            entry = self.graphs[key] = self._capture(*key)
+        segments = self.graphs.get(key)
+        if segments is None:
+            # Capturing writes throw-away keys at position 0 of rows 0..batch-1: keep the real ones.
+            pairs = zip(self.cache.k, self.cache.v, strict=True)
+            saved = [(k[:batch, :, :1].clone(), v[:batch, :, :1].clone()) for k, v in pairs]
+            segments = self.graphs[key] = self._capture(*key)
             for (k0, v0), k, v in zip(saved, self.cache.k, self.cache.v, strict=True):
                 k[:batch, :, :1].copy_(k0)
                 v[:batch, :, :1].copy_(v0)
-        graph, static_tokens, static_positions, logits = entry
-        static_tokens.copy_(tokens)
-        static_positions.copy_(positions)
-        graph.replay()
-        return logits
+        previous: torch.Tensor | None = None
+        for k, seg in enumerate(segments):
+            seg.inputs.copy_(tokens if k == 0 else previous)  # type: ignore[arg-type]
+            seg.positions.copy_(positions)
+            seg.graph.replay()
+            previous = seg.output
+        assert previous is not None
+        return previous

@@ -224,20 +224,43 @@ class ChatGLMForCausalLM(nn.Module):
         """
         if length is None:
             length = int(positions.max().item()) + 1
-        B, T = tokens.shape
-        if B == 1 and T > 1 and not masked:
-            mode = "causal" if length == T else "chunk"
-        else:
-            mode = "rows"
+        x = self.embed(tokens)
+        x = self.run_layers(
+            x, positions, cache, range(self.config.num_layers), length=length, first_row=first_row, masked=masked
+        )
+        return self.head(x, logits)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         emb = self.transformer.embedding.word_embeddings
-        x = emb(tokens.to(emb.weight.device))  # [B, T, hidden]
+        return emb(tokens.to(emb.weight.device))  # [B, T, hidden]
+
+    def run_layers(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        positions: torch.Tensor,
+        cache: KVCache,
+        layers: range,
+        *,
+        length: int,
+        first_row: int = 0,
+        masked: bool = False,
+    ) -> torch.Tensor:
+        """Layers ``layers`` only (a device's segment when the model is split over GPUs)."""
+        B, T = positions.shape
+        mode = ("causal" if length == T else "chunk") if B == 1 and T > 1 and not masked else "rows"
         steps: dict[torch.device, StepInputs] = {}
-        for layer in self.layers:
+        for i in layers:
+            layer = self.layers[i]
             dev = layer.input_layernorm.weight.device
             if dev not in steps:
                 steps[dev] = self._step_inputs(positions.to(dev), length, first_row, mode, masked)
             x = layer(x.to(dev), steps[dev], cache)
-        x = self.transformer.encoder.final_layernorm(x.to(self.transformer.encoder.final_layernorm.weight.device))
+        return x
+
+    def head(self, x: torch.Tensor, logits: str = "last") -> torch.Tensor:
+        """Final norm, then logits as float32: "last" [B, V], "all" [B, T, V]; "none" returns the normed hidden."""
+        norm = self.transformer.encoder.final_layernorm
+        x = norm(x.to(norm.weight.device))
         if logits == "none":
             return x
         if logits == "last":

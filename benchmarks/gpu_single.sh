@@ -4,7 +4,7 @@
 set -uo pipefail
 out="${1:?outdir}"; shift
 stages="${*:-fp16 prefill32k batch32 int8 int4 mem32k_int4}"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}:src PYTHONUNBUFFERED=1
 b="python3 -m glmrun bench --preset chatglm2-6b --device cuda"
 for s in $stages; do
   echo "=== $s"

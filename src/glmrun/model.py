@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -32,10 +33,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As the official RMSNorm: statistics in float32, result back in the input dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
+        return kernels.on_device(kernels.rms_norm, x)(x, self.weight, self.eps)
 
 
 def rotary_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,19 +46,8 @@ def rotary_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.T
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``2*cos.shape[-1]`` dims of each head of ``x`` [B, T, H, D] in interleaved pairs.
-
-    The official layout rotates (x[2i], x[2i+1]) pairs of the first half of each 128-dim head
-    (``apply_rotary_pos_emb`` in modeling_chatglm.py); GGUF Llama files store q/k rows permuted so the
-    same pairwise rotation applies over the whole head.
-    """
-    rd = cos.shape[-1] * 2
-    rot, keep = x[..., :rd], x[..., rd:]
-    pairs = rot.float().unflatten(-1, (rd // 2, 2))  # [B, T, H, rd/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, rd/2]
-    rotated = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
-    return torch.cat((rotated.to(x.dtype), keep), dim=-1)
+    """Interleaved-pair rotary over the first ``2*cos.shape[-1]`` dims of each head (see kernels.rotary)."""
+    return kernels.on_device(kernels.rotary, x)(x, cos, sin)
 
 
 @dataclass(frozen=True)
@@ -73,7 +60,7 @@ class StepInputs:
     length: int  # keys 0..length-1 exist for this step
     first_row: int  # the batch uses cache rows first_row..first_row+B-1
     mode: str  # "causal" (fresh prompt), "chunk" (later prompt chunk, one row) or "rows" (decode)
-    mask: torch.Tensor | None  # "rows" mode: [B, 1, g*T, L] bool, None when every key is visible
+    mask: torch.Tensor | None  # "rows" mode: [B, 1, g*T, L] additive (0 / -inf), None when every key is visible
 
 
 class SelfAttention(nn.Module):
@@ -117,8 +104,34 @@ class SelfAttention(nn.Module):
         # each row attends to keys at positions <= its own (step.mask, [B, 1, g*T, L]).
         g = H // K
         qf = q.view(B, T, K, g, D).permute(0, 2, 3, 1, 4).reshape(B, K, g * T, D)
+        if T == 1:
+            out = _decode_attention(qf, keys, values, step.mask)  # [B, K, g, D]
+            return self.dense(out.reshape(B, 1, H * D))
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=step.mask)
         return self.dense(out.view(B, K, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D))
+
+
+def _decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """One new token per row: softmax(q k^T / sqrt(D) + mask) v as three batched matrix products.
+
+    With 2 KV heads a fused attention kernel has only B*2 units of work and leaves most of a GPU
+    idle; cuBLAS spreads the [g, L] score products over the whole chip. ``keys``/``values`` are
+    cache views [B, K, L, D] whose (B, K) dims merge without a copy.
+    """
+    B, K, g, D = q.shape
+    L = keys.shape[2]
+    k = keys.reshape(B * K, L, D)
+    v = values.reshape(B * K, L, D)
+    qb = q.reshape(B * K, g, D)
+    if mask is None:
+        scores = torch.bmm(qb, k.transpose(1, 2)) * (D**-0.5)
+    else:
+        bias = mask.expand(B, K, g, L).reshape(B * K, g, L) if B > 1 else mask.reshape(1, g, L)
+        scores = torch.baddbmm(bias, qb, k.transpose(1, 2), alpha=D**-0.5)  # [B*K, g, L]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(probs, v).view(B, K, g, D)
 
 
 class MLP(nn.Module):
@@ -129,8 +142,8 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(f, h, bias=config.add_bias_linear, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: gate rows first, as the official swiglu
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        h = self.dense_h_to_4h(x)  # [B, T, 2 * ffn]: gate rows first, then up rows
+        return self.dense_4h_to_h(kernels.on_device(kernels.swiglu, h)(h))
 
 
 class GLMBlock(nn.Module):
@@ -201,7 +214,10 @@ class ChatGLMForCausalLM(nn.Module):
         if mode == "rows" and (masked or B > 1 or T > 1):
             g = self.config.num_attention_heads // self.config.num_kv_heads
             visible = torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None]
-            mask = visible[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
+            visible = visible[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
+            # additive, in the compute dtype: SDPA need not convert a boolean mask in every layer
+            mask = torch.zeros(visible.shape, dtype=self.output_weight().dtype, device=positions.device)
+            mask.masked_fill_(~visible, float("-inf"))
         return StepInputs(positions, cos, sin, length, first_row, mode, mask)
 
     def forward(

@@ -112,6 +112,7 @@ def main() -> int:
         flush=True,
     )
     print("predicted vs actual", json.dumps(res["after_generation"]), flush=True)
+    out_path.write_text(json.dumps(res, indent=2))
     two.close()
     res["two_close_leftover_mib"] = [round((a - b) / MiB, 1) for a, b in zip(allocated(), base, strict=True)]
 
@@ -125,6 +126,7 @@ def main() -> int:
     res["int4_32k"] = {"decode_tok_s": s3.decode_tok_s, "ttft_s": s3.ttft_s, "peak_allocated_gb": s3.peak_allocated_gb}
     res["int4_32k_memory"] = report(q4)
     print("int4 32k", res["int4_32k"], flush=True)
+    out_path.write_text(json.dumps(res, indent=2))
     q4.close()
 
     # 4. a request that runs out of memory

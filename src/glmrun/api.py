@@ -16,6 +16,7 @@ from .errors import GlmrunError, InvalidArgumentError
 from .loader import Checkpoint, load_model, parse_device, resolve_checkpoint
 from .memory import cuda_devices_of, release, reset_peaks
 from .model import ChatGLMForCausalLM
+from .placement import Plan
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -78,8 +79,10 @@ class GLMModel:
         *,
         context_length: int | None = None,
         prefill_chunk: int = 2048,
+        plan: Plan | None = None,
     ) -> None:
         self.checkpoint = checkpoint
+        self.plan = plan  # the multi-GPU placement plan, when one was made
         self.tokenizer = tokenizer
         self.engine: Engine | None = Engine(
             model, tokenizer, context_length=context_length, prefill_chunk=prefill_chunk
@@ -233,16 +236,19 @@ def load(
     ckpt = resolve_checkpoint(path)
     quant = parse_quantize(quantize)
     layer_devices = None
+    plan = None
     if devices is not None or max_memory is not None:
-        from .placement_apply import plan_layer_devices
+        from .placement_apply import plan_for_checkpoint
 
-        layer_devices = plan_layer_devices(
-            ckpt, dtype=dtype, quant=quant, devices=devices, max_memory=max_memory, context=context
+        plan = plan_for_checkpoint(
+            ckpt, dtype=dtype, quant=quant, devices=devices, max_memory=max_memory, context=context,
+            prefill_chunk=prefill_chunk,
         )
+        layer_devices = [torch.device("cuda", i) for i in plan.layer_devices]
         device = layer_devices[0]
     else:
         parse_device(device)  # fail early on a bad device, before reading any weights
     model, tokenizer = load_model(
         ckpt, dtype=dtype, device=device, quantize=quant, layer_devices=layer_devices, progress=progress
     )
-    return GLMModel(model, tokenizer, ckpt, context_length=context)
+    return GLMModel(model, tokenizer, ckpt, context_length=context, prefill_chunk=prefill_chunk, plan=plan)

@@ -21,8 +21,9 @@ _COMMANDS = {
     "bench": "glmrun.bench",
     "chat": "glmrun.terminal",
     "ask": "glmrun.terminal",
-    # "doctor": "glmrun.doctor",
+    "doctor": "glmrun.doctor",
     "make-checkpoint": "glmrun.checkpoint",
+    "quantize": "glmrun.quantize_cli",
 }
 
 

@@ -1,0 +1,373 @@
+"""Matmul against quantized weights: fused Triton kernels for CUDA, chunked dequantization elsewhere.
+
+Both paths read the canonical format of :mod:`glmrun.quant` as it is (no second copy of the weight):
+``q`` int8 ``[N, K]`` or uint8 ``[N, K/2]`` (low nibble = even column), ``scale`` / ``zero`` float16
+``[N, K/group]``. Triton is optional: without it (CPU installs) this module still imports and every
+call takes the dequantize path.
+
+The Triton kernels compute ``y[m, n] = sum_k x[m, k] * (q[n, k] * s[n, g(k)] + z[n, g(k)])`` one
+K-block at a time, with each block inside one group so a group's scale multiplies a whole partial
+dot product (``s * sum(x*q) + z * sum(x)``): the weight bytes are read once and never expanded in
+memory. ``gemv`` (one program per ``BLOCK_N`` outputs of one input row, reduction in registers) is
+for decode-sized batches; ``mm`` (tensor-core ``tl.dot`` on ``BLOCK_M`` rows) for larger ones. Large
+batches (prefill) dequantize chunk by chunk and call cuBLAS, which is compute-bound there anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of torch; CPU installs do not have it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+__all__ = [
+    "KernelConfig",
+    "dequantize_rows",
+    "dequant_matmul",
+    "quant_matmul",
+    "triton_available",
+    "triton_config_for",
+    "triton_quant_matmul",
+]
+
+_CPU_CHUNK_ELEMENTS = 1 << 20  # ~4 MB of float32 weight per chunk: stays in cache on a CPU
+_GPU_CHUNK_ELEMENTS = 1 << 25  # 64 MB of fp16: big enough for cuBLAS to run at full speed
+_MAX_TRITON_ROWS = 64  # above this many input rows dequantize + cuBLAS wins (compute-bound)
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+# -- the portable path -------------------------------------------------------------------------
+
+
+def dequantize_rows(
+    q: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    bits: int,
+    group_size: int,
+    *,
+    dtype: torch.dtype,
+    start: int = 0,
+    stop: int | None = None,
+) -> Tensor:
+    """Rows ``start:stop`` of the float weight ``[rows, K]`` in ``dtype``."""
+    qs = q[start:stop]
+    rows = qs.shape[0]
+    s = scale[start:stop].to(dtype)[..., None]  # [rows, G, 1]
+    if bits == 8:
+        w = qs.to(dtype).view(rows, -1, group_size) * s
+    else:
+        if zero is None:
+            raise ValueError("an INT4 weight needs its zeros")
+        codes = torch.stack((qs & 15, qs >> 4), dim=-1).view(rows, -1, group_size)  # even, odd columns
+        w = torch.addcmul(zero[start:stop].to(dtype)[..., None], codes.to(dtype), s)
+    return w.view(rows, -1)
+
+
+def dequant_matmul(x2d: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """``x2d [M, K] @ W.T`` by dequantizing blocks of output rows to ``x2d.dtype``; returns ``[M, N]``."""
+    n_out = q.shape[0]
+    k = x2d.shape[1]
+    budget = _GPU_CHUNK_ELEMENTS if x2d.is_cuda else _CPU_CHUNK_ELEMENTS
+    step = max(1, budget // k)
+    parts = [
+        F.linear(x2d, dequantize_rows(q, scale, zero, bits, group_size, dtype=x2d.dtype, start=r0, stop=r0 + step))
+        for r0 in range(0, n_out, step)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+# -- the Triton path ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch settings of one Triton call; ``kind`` is ``"gemv"`` or ``"mm"``."""
+
+    kind: str
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    block_m: int = 16  # mm only: rows of x per program (at least 16 for tl.dot)
+    num_stages: int = 2
+
+
+def _block_k_fits(block_k: int, group_size: int, k: int, kind: str, bits: int) -> bool:
+    """A K-block must lie inside one group, or (gemv) cover a power-of-two number of whole groups.
+
+    ``gemv`` masks a last, cut block and reads 32-bit words, so groups and K hold whole words;
+    ``mm`` needs K to be a multiple of the block.
+    """
+    if kind == "mm":
+        return k % block_k == 0 and group_size % block_k == 0
+    per_word = 32 // bits
+    if k % per_word or (group_size % per_word and group_size != k):
+        return False
+    if group_size % block_k == 0 or group_size == k:  # one group per row: every block has scale 0
+        return True
+    n = block_k // group_size
+    return block_k % group_size == 0 and n & (n - 1) == 0
+
+
+def triton_config_for(m: int, n: int, k: int, group_size: int, bits: int) -> KernelConfig | None:
+    """The launch settings for an ``[m, k] x [n, k]`` product, or None when the Triton path does not apply."""
+    if m > _MAX_TRITON_ROWS:
+        return None
+    # Picked from `benchmarks/quant_kernels_gpu.py --sweep` on one H200 (torch 2.11, Triton 3.6): one
+    # row -> gemv with long K-blocks, split in two for tall K (13696) so the grid still fills the GPU;
+    # more rows -> 16-row tensor-core tiles, narrow in N and split over K twice.
+    if m == 1:
+        fits = (b for b in (2048, 1024, 512, 256, 128, 64, 32) if _block_k_fits(b, group_size, k, "gemv", bits))
+        block_k = next(fits, None)
+        if block_k is None:
+            return None
+        split_k = 2 if k >= 8192 else 1
+        return KernelConfig("gemv", block_n=8 if bits == 4 else 4, block_k=block_k, split_k=split_k, num_warps=4)
+    block_k = next((b for b in (128, 64, 32) if _block_k_fits(b, group_size, k, "mm", bits)), None)
+    if block_k is None:
+        return None
+    return KernelConfig("mm", block_n=32, block_k=block_k, split_k=2, num_warps=4, block_m=16, num_stages=3)
+
+
+def triton_quant_matmul(
+    x2d: Tensor,
+    q: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    bits: int,
+    group_size: int,
+    config: KernelConfig,
+) -> Tensor:
+    """``x2d [M, K] @ W.T -> [M, N]`` in ``x2d.dtype`` with one fused Triton kernel (CUDA, fp16/bf16 x)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    m, k = x2d.shape
+    n = q.shape[0]
+    if not _block_k_fits(config.block_k, group_size, k, config.kind, bits):
+        raise ValueError(f"block_k {config.block_k} does not fit group_size {group_size} and K {k}")
+    x2d = x2d.contiguous()
+    q = q.contiguous()
+    scale = scale.contiguous()
+    z = zero.contiguous() if zero is not None else scale  # unused by the INT8 kernel
+    if config.split_k > 1:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x2d.device)
+    else:
+        y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    common: dict[str, Any] = dict(
+        BITS=bits,
+        GROUP=group_size,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        SPLIT_K=config.split_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if config.kind == "gemv":
+        groups_per_block = max(1, config.block_k // group_size) if group_size < k else 1
+        grid = (triton.cdiv(n, config.block_n), m, config.split_k)
+        words = q.view(torch.int32)  # [N, K / (32 // bits)]: the same bytes, read 4 at a time
+        _qgemv_kernel[grid](
+            x2d,
+            words,
+            scale,
+            z,
+            y,
+            n,
+            k,
+            x2d.stride(0),
+            words.stride(0),
+            scale.stride(0),
+            y.stride(0),
+            GROUPS_PER_BLOCK=groups_per_block,
+            EVEN_K=k % config.block_k == 0,
+            **common,
+        )
+    else:
+        grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
+        _qmm_kernel[grid](
+            x2d,
+            q,
+            scale,
+            z,
+            y,
+            m,
+            n,
+            k,
+            x2d.stride(0),
+            q.stride(0),
+            scale.stride(0),
+            y.stride(0),
+            BLOCK_M=config.block_m,
+            **common,
+        )
+    return y if config.split_k == 1 else y.to(x2d.dtype)
+
+
+def quant_matmul(x2d: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """``x2d [M, K] @ W.T -> [M, N]`` in ``x2d.dtype``: the fused kernel where it applies, else dequantize."""
+    if triton is not None and x2d.is_cuda and x2d.dtype in (torch.float16, torch.bfloat16):
+        config = triton_config_for(x2d.shape[0], q.shape[0], x2d.shape[1], group_size, bits)
+        if config is not None:
+            return triton_quant_matmul(x2d, q, scale, zero, bits, group_size, config)
+    return dequant_matmul(x2d, q, scale, zero, bits, group_size)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _qgemv_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        z_ptr,
+        y_ptr,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_ym,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        GROUPS_PER_BLOCK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
+        # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
+        # column). A K-block covers GROUPS_PER_BLOCK whole groups or lies inside one; the last may be cut.
+        # Codes become floats without int->float conversions (the bottleneck of a 4-bit GEMV): a code
+        # c of B bits placed in the top mantissa bits of 1.0 reads as f = 1 + c / 2**B, and f * x is
+        # exact in float32 for a 16-bit x, so sum(c * x) = 2**B * (sum(f * x) - sum(x)) per group (INT8
+        # codes are biased by +128 first, giving 2**8 * (sum(f * x) - 1.5 * sum(x))).
+        PER_WORD: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        PER_GROUP: tl.constexpr = WORDS // GROUPS_PER_BLOCK  # words of one group inside the block
+        CODE_MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)  # the top BITS mantissa bits
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_g = tl.arange(0, GROUPS_PER_BLOCK)
+        x_row = x_ptr + row * stride_xm
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            g_idx = k0 // GROUP + offs_g
+            s_offs = offs_n[:, None] * stride_sn + g_idx[None, :]  # [BN, NG]
+            s_mask = n_mask[:, None] & (g_idx < tl.cdiv(K, GROUP))[None, :]
+            s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+            kw = k0 // PER_WORD + tl.arange(0, WORDS)  # word index in the row
+            k_mask = kw < K // PER_WORD
+            w_ptrs = w_ptr + offs_n[:, None] * stride_wn + kw[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BN, WORDS] int32
+            else:
+                w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
+            prod = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+            xsum = tl.zeros([WORDS], dtype=tl.float32)
+            for i in tl.static_range(PER_WORD):
+                if EVEN_K:
+                    xi = tl.load(x_row + kw * PER_WORD + i).to(tl.float32)
+                else:
+                    xi = tl.load(x_row + kw * PER_WORD + i, mask=k_mask, other=0.0).to(tl.float32)
+                if 23 - BITS - BITS * i >= 0:  # move code i to the top mantissa bits
+                    moved = w << (23 - BITS - BITS * i)
+                else:
+                    moved = w >> (BITS * i + BITS - 23)
+                if BITS == 4:
+                    fbits = (moved & CODE_MASK) | 0x3F800000
+                else:
+                    fbits = (moved & CODE_MASK) ^ 0x3FC00000  # flips the sign bit: code + 128
+                prod += fbits.to(tl.float32, bitcast=True) * xi[None, :]
+                xsum += xi
+            part = tl.sum(tl.reshape(prod, [BLOCK_N, GROUPS_PER_BLOCK, PER_GROUP]), 2)  # [BN, NG]
+            xs = tl.sum(tl.reshape(xsum, [GROUPS_PER_BLOCK, PER_GROUP]), 1)[None, :]  # [1, NG]
+            if BITS == 4:
+                s16 = s * 16.0
+                z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+                acc += tl.sum(s16 * part + (z - s16) * xs, 1)
+            else:
+                acc += tl.sum(s * 256.0 * (part - 1.5 * xs), 1)
+        y = y_ptr + row * stride_ym + offs_n
+        if SPLIT_K == 1:
+            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            tl.atomic_add(y, acc, mask=n_mask)
+
+    @triton.jit
+    def _qmm_kernel(
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        z_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_qn,
+        stride_sn,
+        stride_ym,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+    ):
+        # A BLOCK_M x BLOCK_N tile of y; every K-block lies inside one group (BLOCK_K divides GROUP).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            s_offs = offs_n * stride_sn + k0 // GROUP
+            s = tl.load(s_ptr + s_offs, mask=n_mask, other=0.0).to(tl.float32)
+            if BITS == 4:
+                offs_b = tl.arange(0, BLOCK_K // 2)
+                b = tl.load(
+                    q_ptr + offs_n[None, :] * stride_qn + (k0 // 2 + offs_b)[:, None], mask=n_mask[None, :], other=0
+                )  # [BK/2, BN] uint8
+                x_offs = offs_m[:, None] * stride_xm + (k0 + 2 * offs_b)[None, :]
+                xe = tl.load(x_ptr + x_offs, mask=m_mask[:, None], other=0.0)  # [BM, BK/2]
+                xo = tl.load(x_ptr + x_offs + 1, mask=m_mask[:, None], other=0.0)
+                part = tl.dot(xe, (b & 15).to(xe.dtype))
+                part = tl.dot(xo, (b >> 4).to(xo.dtype), part)
+                z = tl.load(z_ptr + s_offs, mask=n_mask, other=0.0).to(tl.float32)
+                xsum = tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1)
+                acc += part * s[None, :] + xsum[:, None] * z[None, :]
+            else:
+                offs_k = tl.arange(0, BLOCK_K)
+                w = tl.load(
+                    q_ptr + offs_n[None, :] * stride_qn + (k0 + offs_k)[:, None], mask=n_mask[None, :], other=0
+                )  # [BK, BN] int8
+                xt = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0
+                )
+                acc += tl.dot(xt, w.to(xt.dtype)) * s[None, :]
+        y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(y, acc, mask=mask)

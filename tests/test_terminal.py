@@ -22,8 +22,9 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "GLMRUN_MODEL": ""}
 
 
 def glmrun(*args: str, stdin: str | None = None, timeout: int = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "glmrun", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "glmrun", *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def test_ask_greedy_answers_paris_and_announces_the_default():
@@ -47,8 +48,19 @@ def test_ask_refuses_a_document_that_does_not_fit(tmp_path):
 def test_ask_truncates_only_when_asked(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text(planted_document(), encoding="utf-8")
-    proc = glmrun("ask", "--context", "1024", "--max-new-tokens", "16", "--temperature", "0", "--truncate",
-                  "--file", str(doc), "Which town is this about?")
+    proc = glmrun(
+        "ask",
+        "--context",
+        "1024",
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--truncate",
+        "--file",
+        str(doc),
+        "Which town is this about?",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "cut" in proc.stderr and "document tokens" in proc.stderr
     assert proc.stdout.strip()
@@ -56,8 +68,17 @@ def test_ask_truncates_only_when_asked(tmp_path):
 
 def test_ask_reads_a_document_from_stdin():
     text = "Note: the meeting with Ada is on Thursday at 3 pm in room 12."
-    proc = glmrun("ask", "--temperature", "0", "--max-new-tokens", "24", "--file", "-",
-                  "Which room is the meeting in?", stdin=text)
+    proc = glmrun(
+        "ask",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--file",
+        "-",
+        "Which room is the meeting in?",
+        stdin=text,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "12" in proc.stdout
 
@@ -87,8 +108,15 @@ def test_ask_rejects_a_binary_file(tmp_path):
 
 
 def test_chat_session_with_clear_and_exit():
-    proc = glmrun("chat", "--temperature", "0", "--max-new-tokens", "24", "--stats",
-                  stdin="What is the capital of France?\n/clear\n/exit\n")
+    proc = glmrun(
+        "chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--stats",
+        stdin="What is the capital of France?\n/clear\n/exit\n",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "(conversation cleared)" in proc.stderr
@@ -101,13 +129,20 @@ def test_chat_leaves_on_end_of_input():
 
 
 def test_ctrl_c_stops_the_answer_but_not_the_chat():
-    proc = subprocess.Popen([sys.executable, "-m", "glmrun", "chat", "--max-new-tokens", "400", "--seed", "1"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glmrun", "chat", "--max-new-tokens", "400", "--seed", "1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     out: list[str] = []
     err: list[str] = []
-    readers = [threading.Thread(target=lambda s=s, b=b: b.extend(iter(lambda: s.read(1), "")), daemon=True)
-               for s, b in ((proc.stdout, out), (proc.stderr, err))]
+    readers = [
+        threading.Thread(target=lambda s=s, b=b: b.extend(iter(lambda: s.read(1), "")), daemon=True)
+        for s, b in ((proc.stdout, out), (proc.stderr, err))
+    ]
     for r in readers:
         r.start()
     assert proc.stdin is not None
@@ -141,8 +176,12 @@ def test_progress_bar_on_a_terminal_only(tiny_folder):
     assert "loading" not in quiet.stderr
     # the same command with stderr on a terminal shows the bar
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "glmrun", "ask", "--model", str(tiny_folder), "--max-new-tokens",
-                             "2", "你好"], stdout=subprocess.PIPE, stderr=follower, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glmrun", "ask", "--model", str(tiny_folder), "--max-new-tokens", "2", "你好"],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=ENV,
+    )
     os.close(follower)
     seen = b""
     while True:

@@ -241,7 +241,12 @@ def load(
         from .placement_apply import plan_for_checkpoint
 
         plan = plan_for_checkpoint(
-            ckpt, dtype=dtype, quant=quant, devices=devices, max_memory=max_memory, context=context,
+            ckpt,
+            dtype=dtype,
+            quant=quant,
+            devices=devices,
+            max_memory=max_memory,
+            context=context,
             prefill_chunk=prefill_chunk,
         )
         layer_devices = [torch.device("cuda", i) for i in plan.layer_devices]

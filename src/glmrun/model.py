@@ -81,10 +81,9 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape  # x: [B, T, hidden]
         H, K, D = self.heads, self.kv_heads, self.head_dim
         qkv = self.query_key_value(x)  # [B, T, (H + 2K) * D]
-        q, k, v = qkv.split((H * D, K * D, K * D), dim=-1)
-        q = apply_rotary(q.view(B, T, H, D), step.cos, step.sin)
-        k = apply_rotary(k.view(B, T, K, D), step.cos, step.sin)
-        v = v.view(B, T, K, D)
+        qk = apply_rotary(qkv[..., : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)  # q and k at once
+        q, k = qk.split((H, K), dim=2)  # [B, T, H, D], [B, T, K, D]
+        v = qkv[..., (H + K) * D :].view(B, T, K, D)
         cache.write(self.layer, step.positions, k, v, step.first_row)
         if step.mode == "causal":
             # A fresh prompt in one piece: causal attention over its own keys (flash / cuDNN kernels).

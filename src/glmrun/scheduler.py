@@ -23,7 +23,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +63,7 @@ class SchedulerStats:
     submitted: int
     finished: dict[str, int]  # finish_reason -> count ("stop", "length", "cancelled", "error")
     prefill_tokens: int
+    generated_tokens: int  # tokens given to requests (EOS not counted)
     decode_steps: int
     decode_tokens: int  # tokens fed through decode steps (sum of the batch sizes)
     batch_sizes: dict[int, int]  # decode-step batch size -> number of steps
@@ -203,6 +204,8 @@ class Scheduler:
     ``max_batch`` rows decode together; up to ``max_queue`` more requests wait for a row.
     ``max_context`` (default: the engine's context length) is how many tokens a row holds; the
     cache costs ``max_batch * max_context`` tokens' keys/values, allocated up front.
+    ``on_finish`` is called on the worker thread with every request's result (cancelled ones
+    included, failed ones not); keep it quick, e.g. updating metrics.
     """
 
     def __init__(
@@ -212,6 +215,7 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         max_context: int | None = None,
+        on_finish: Callable[[GenerationResult], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise InvalidArgumentError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
@@ -221,6 +225,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.context_length = min(engine.context_length, max_context or engine.context_length)
+        self._on_finish = on_finish
         self._eos = frozenset(engine.tokenizer.eos_token_ids) | frozenset(engine.config.eos_token_ids)
         self._device = engine.model.transformer.embedding.word_embeddings.weight.device
         with raise_friendly_oom(engine):
@@ -238,6 +243,7 @@ class Scheduler:
         self._finished = dict.fromkeys(("stop", "length", "cancelled", "error"), 0)
         self._batch_sizes = dict.fromkeys(range(1, max_batch + 1), 0)
         self._prefill_tokens = 0
+        self._generated_tokens = 0
         self._decode_steps = 0
         self._decode_tokens = 0
         self._worker = threading.Thread(target=self._run, name="glmrun-scheduler", daemon=True)
@@ -283,6 +289,7 @@ class Scheduler:
             submitted=self._submitted,
             finished=dict(self._finished),
             prefill_tokens=self._prefill_tokens,
+            generated_tokens=self._generated_tokens,
             decode_steps=self._decode_steps,
             decode_tokens=self._decode_tokens,
             batch_sizes=dict(self._batch_sizes),
@@ -470,6 +477,7 @@ class Scheduler:
         if token in self._eos:
             return "stop"
         req.out.append(token)
+        self._generated_tokens += 1
         delta, stopped = req.stops.feed(req.detok.push(token))
         if delta:
             req.text.append(delta)
@@ -525,6 +533,11 @@ class Scheduler:
             time_to_first_token=req.ttft,
             total_time=time.perf_counter() - req.t0,
         )
+        if self._on_finish is not None:
+            try:
+                self._on_finish(result)
+            except Exception:  # an observer's bug must not stop the worker
+                pass
         req.handle._push(StreamChunk("", None, result))
 
     def _fail(self, requests: Sequence[_Request], exc: BaseException) -> None:

@@ -98,6 +98,13 @@ def _ctrl_c_stops() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Bad sampling flags fail before the model is loaded (InvalidArgumentError names the flag)."""
+    from .sampling import SamplingParams
+
+    SamplingParams.chatglm2_defaults().replace(**sampling_options(args))
+
+
 def _stats_line(result) -> str:  # noqa: ANN001 - GenerationResult
     return (
         f"[{result.prompt_tokens} prompt tokens ({result.prefilled_tokens} computed), "
@@ -114,6 +121,7 @@ def run_ask(args: argparse.Namespace) -> int:
         print("glmrun ask: the question is empty", file=sys.stderr)
         return EXIT_INPUT
     docs = read_documents(args.file)
+    _check_options(args)
     glm = load_from_args(args)
     with glm:
         conv: Conversation = glm.conversation(system=args.system, documents=docs, **sampling_options(args))
@@ -151,6 +159,7 @@ def run_ask(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from .errors import ContextOverflowError, InvalidArgumentError
 
+    _check_options(args)
     glm = load_from_args(args)
     with glm:
         conv = glm.conversation(system=args.system, **sampling_options(args))

@@ -1,8 +1,9 @@
 """Prometheus metrics of one server, in a registry of its own (no module-level globals).
 
-Counted as requests finish: requests by endpoint and status, prompt and generated tokens, time to
-first token and latency histograms, finish reasons. Read from the scheduler at each scrape: queue
-depth, running requests, decode steps and a histogram of decode-step batch sizes.
+Counted as they happen: HTTP requests by endpoint and status; for every generation the scheduler
+ends (cancelled ones included), time to first token, latency and finish reason. Read from the
+scheduler at each scrape: prompt and generated tokens, queue depth, running requests, decode steps
+and a histogram of decode-step batch sizes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class _SchedulerCollector(Collector):
         yield GaugeMetricFamily("glmrun_running_requests", "Requests holding a batch row", value=s.running)
         yield GaugeMetricFamily("glmrun_max_batch", "Batch rows (--max-batch)", value=s.max_batch)
         yield GaugeMetricFamily("glmrun_kv_cache_bytes", "Memory of the batch KV cache", value=s.cache_bytes)
-        yield CounterMetricFamily("glmrun_prefill_tokens", "Prompt tokens prefilled", value=s.prefill_tokens)
+        yield CounterMetricFamily("glmrun_prompt_tokens", "Prompt tokens prefilled", value=s.prefill_tokens)
+        yield CounterMetricFamily("glmrun_generation_tokens", "Tokens generated", value=s.generated_tokens)
         yield CounterMetricFamily("glmrun_decode_steps", "Batched decode steps", value=s.decode_steps)
         finished = CounterMetricFamily(
             "glmrun_scheduler_finished", "Requests the scheduler ended, by finish reason", labels=["reason"]
@@ -57,7 +59,9 @@ class _SchedulerCollector(Collector):
             buckets=buckets,
             sum_value=s.decode_tokens,
         )
-        yield GaugeMetricFamily("glmrun_worker_alive", "1 while the scheduler's worker thread runs", s.worker_alive)
+        yield GaugeMetricFamily(
+            "glmrun_worker_alive", "1 while the scheduler's worker thread runs", value=float(s.worker_alive)
+        )
 
 
 class ServerMetrics:
@@ -69,8 +73,6 @@ class ServerMetrics:
         self.requests = Counter(
             "glmrun_requests", "HTTP requests answered, by endpoint and status", ["endpoint", "status"], registry=r
         )
-        self.prompt_tokens = Counter("glmrun_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("glmrun_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter(
             "glmrun_request_finished", "Generations ended, by finish reason", ["reason"], registry=r
         )
@@ -86,8 +88,7 @@ class ServerMetrics:
         r.register(_SchedulerCollector(stats))
 
     def observe_result(self, result: GenerationResult) -> None:
-        self.prompt_tokens.inc(result.prompt_tokens)
-        self.generation_tokens.inc(result.completion_tokens)
+        """Called on the scheduler's worker thread as each generation ends (prometheus_client is thread-safe)."""
         self.finished.labels(result.finish_reason).inc()
         if result.completion_tokens:
             self.ttft.observe(result.time_to_first_token)

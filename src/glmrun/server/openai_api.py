@@ -104,19 +104,19 @@ def openai_router(service: Service, auth: Callable[..., Any]) -> APIRouter:
             prompt = str(prompt[0])
         if isinstance(prompt, str):
             ids = service.text_ids(prompt)
-            prompt_text = prompt
         else:
             ids = [int(t) for t in prompt]  # list[int] (or [])
             vocab = service.engine.tokenizer.vocab_size
             if not ids or any(not 0 <= t < vocab for t in ids):
                 raise APIError(400, f"prompt token ids must be non-empty and in [0, {vocab})", param="prompt")
-            prompt_text = service.engine.tokenizer.decode(ids)
         params = sampling_params(body, service.defaults, max_tokens=body.max_tokens)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = service.submit(ids, params, request_id=rid, param="prompt")
         created = int(time.time())
         model = service.model_id
-        echo = prompt_text if body.echo else ""
+        echo = ""
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else service.engine.tokenizer.decode(ids)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 

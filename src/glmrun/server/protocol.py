@@ -8,8 +8,7 @@ extensions, as vLLM does. Replies are plain dicts in OpenAI's shape.
 
 from __future__ import annotations
 
-import time
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +28,7 @@ __all__ = [
     "chat_chunk",
     "completion_response",
     "completion_chunk",
+    "finish_reason",
     "usage",
 ]
 
@@ -134,9 +134,6 @@ def sampling_params(req: _Generation, defaults: SamplingParams, *, max_tokens: i
 
 
 # Replies ------------------------------------------------------------------------------------------
-FinishReason = Literal["stop", "length"]
-
-
 def finish_reason(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
@@ -220,7 +217,3 @@ def completion_chunk(
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk
-
-
-def now() -> int:
-    return int(time.time())

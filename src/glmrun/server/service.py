@@ -16,7 +16,7 @@ from starlette.requests import Request
 from ..api import GLMModel
 from ..chat_format import Message
 from ..engine import Engine, GenerationResult, StreamChunk
-from ..errors import ConfigError, ContextOverflowError, InvalidArgumentError
+from ..errors import ConfigError, GlmrunError, InvalidArgumentError
 from ..sampling import SamplingParams
 from ..scheduler import RequestHandle, Scheduler, SchedulerClosedError, SchedulerStats
 from .http_errors import APIError, from_glmrun_error
@@ -54,6 +54,7 @@ class Service:
                 max_batch=self.settings.max_batch,
                 max_queue=self.settings.max_queue,
                 max_context=self.settings.max_context,
+                on_finish=self.metrics.observe_result,
             )
 
     def stop(self) -> None:
@@ -98,17 +99,13 @@ class Service:
             raise APIError(503, "the server is not running (starting up or shutting down)", type="server_error")
         try:
             return scheduler.submit(ids, params, request_id=request_id)
-        except ContextOverflowError as exc:
-            raise from_glmrun_error(exc, param=param) from None
-        except Exception as exc:
+        except GlmrunError as exc:
             raise from_glmrun_error(exc, param=param) from None
 
     async def stream(self, handle: RequestHandle) -> AsyncIterator[StreamChunk]:
-        """The handle's chunks; the result is counted in the metrics. Cancels the request if abandoned."""
+        """The handle's chunks. Cancels the request if the consumer stops early (client gone)."""
         try:
             async for chunk in handle:
-                if chunk.result is not None:
-                    self.metrics.observe_result(chunk.result)
                 yield chunk
         finally:
             handle.cancel()  # a no-op once finished; frees the row if the consumer went away

@@ -57,7 +57,7 @@ def hf_model_sharing_weights(model: ChatGLMForCausalLM) -> torch.nn.Module:
         "model.norm.weight": model.transformer.encoder.final_layernorm.weight,
         "lm_head.weight": model.output_weight(),
     }
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(model.blocks()):
         p = f"model.layers.{i}."
         att = layer.self_attention
         for kind in ("weight", "bias"):
@@ -82,7 +82,8 @@ def _timed_generate(hf: torch.nn.Module, ids: torch.Tensor, gen_len: int, t_pref
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    out = hf.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False, **kw)
+    generate: Any = hf.generate
+    out = generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False, **kw)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     total = time.perf_counter() - t0

@@ -12,6 +12,7 @@ No remote code runs: ``trust_remote_code`` is accepted and ignored. Signatures f
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -165,7 +166,7 @@ class CompatModel(torch.nn.Module):
         super().float()
         return self._moved()
 
-    def cuda(self, device: int | str | torch.device | None = None) -> CompatModel:  # type: ignore[override]
+    def cuda(self, device: int | torch.device | None = None) -> CompatModel:  # type: ignore[override]
         if not torch.cuda.is_available():
             raise DeviceError(
                 f".cuda() was called but this torch sees no CUDA GPU (torch {torch.__version__}); keep the model on "
@@ -186,8 +187,8 @@ class CompatModel(torch.nn.Module):
         max_length: int = 8192,
         num_beams: int = 1,
         do_sample: bool = True,
-        top_p: float = 0.8,
-        temperature: float = 0.8,
+        top_p: builtins.float = 0.8,
+        temperature: builtins.float = 0.8,
         logits_processor: Any = None,
         **kwargs: Any,
     ) -> tuple[str, list[Any]]:
@@ -204,8 +205,8 @@ class CompatModel(torch.nn.Module):
         past_key_values: Any = None,
         max_length: int = 8192,
         do_sample: bool = True,
-        top_p: float = 0.8,
-        temperature: float = 0.8,
+        top_p: builtins.float = 0.8,
+        temperature: builtins.float = 0.8,
         logits_processor: Any = None,
         return_past_key_values: bool = False,
         **kwargs: Any,

@@ -109,14 +109,13 @@ class GraphDecoder:
             pairs = zip(self.cache.k, self.cache.v, strict=True)
             saved = [(k[:batch, :, :1].clone(), v[:batch, :, :1].clone()) for k, v in pairs]
             segments = self.graphs[key] = self._capture(*key)
-            for (k0, v0), k, v in zip(saved, self.cache.k, self.cache.v, strict=True):
-                k[:batch, :, :1].copy_(k0)
-                v[:batch, :, :1].copy_(v0)
-        previous: torch.Tensor | None = None
-        for k, seg in enumerate(segments):
-            seg.inputs.copy_(tokens if k == 0 else previous)  # type: ignore[arg-type]
+            for (k0, v0), kc, vc in zip(saved, self.cache.k, self.cache.v, strict=True):
+                kc[:batch, :, :1].copy_(k0)
+                vc[:batch, :, :1].copy_(v0)
+        previous = tokens
+        for seg in segments:
+            seg.inputs.copy_(previous)
             seg.positions.copy_(positions)
             seg.graph.replay()
             previous = seg.output
-        assert previous is not None
         return previous

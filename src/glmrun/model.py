@@ -13,6 +13,7 @@ The model never samples, prints, picks devices or reads files; layers may sit on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -198,8 +199,11 @@ class ChatGLMForCausalLM(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.transformer.encoder.layers
 
+    def blocks(self) -> list[GLMBlock]:
+        return [cast(GLMBlock, layer) for layer in self.layers]
+
     def layer_devices(self) -> list[torch.device]:
-        return [layer.input_layernorm.weight.device for layer in self.layers]
+        return [layer.input_layernorm.weight.device for layer in self.blocks()]
 
     def output_weight(self) -> torch.Tensor:
         if self.config.tie_word_embeddings:
@@ -264,9 +268,10 @@ class ChatGLMForCausalLM(nn.Module):
         B, T = positions.shape
         mode = ("causal" if length == T else "chunk") if B == 1 and T > 1 and not masked else "rows"
         steps: dict[torch.device, StepInputs] = {}
+        devices = self.layer_devices()
         for i in layers:
             layer = self.layers[i]
-            dev = layer.input_layernorm.weight.device
+            dev = devices[i]
             if dev not in steps:
                 steps[dev] = self._step_inputs(positions.to(dev), length, first_row, mode, masked)
             x = layer(x.to(dev), steps[dev], cache)

@@ -61,9 +61,10 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
     return model.eval()
 
 
-def bench_prompts(batch: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
+def bench_prompts(batch: int, prompt_len: int, seed: int = 0, vocab: int = 60000) -> torch.Tensor:
     """The random prompt ids every timed stack gets (the same for glmrun and the baseline)."""
-    return torch.randint(100, 60000, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    high = min(60000, vocab)
+    return torch.randint(100, high, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
 
 
 def _peaks(devices: list[torch.device]) -> tuple[dict[str, float], dict[str, float]]:
@@ -90,7 +91,7 @@ def time_glmrun(
     devices = sorted(set(model.layer_devices()) | {model.output_weight().device}, key=str)
     first = model.transformer.embedding.word_embeddings.weight.device
     last = model.output_weight().device
-    prompts = bench_prompts(batch, prompt_len, seed)
+    prompts = bench_prompts(batch, prompt_len, seed, model.config.padded_vocab_size)
     max_len = prompt_len + gen_len
     cache = KVCache(
         model.config,

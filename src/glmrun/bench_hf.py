@@ -101,7 +101,7 @@ def time_transformers(
 ) -> dict[str, Any]:
     hf = hf_model_sharing_weights(model)
     dev = model.output_weight().device
-    ids = bench_prompts(batch, prompt_len).to(dev)
+    ids = bench_prompts(batch, prompt_len, vocab=model.config.padded_vocab_size).to(dev)
     result: dict[str, Any] = {}
     with torch.inference_mode():
         for _ in range(2):  # the first is warm-up

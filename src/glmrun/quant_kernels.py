@@ -8,9 +8,9 @@ call takes the dequantize path.
 The Triton kernels compute ``y[m, n] = sum_k x[m, k] * (q[n, k] * s[n, g(k)] + z[n, g(k)])`` one
 K-block at a time, with each block inside one group so a group's scale multiplies a whole partial
 dot product (``s * sum(x*q) + z * sum(x)``): the weight bytes are read once and never expanded in
-memory. ``gemv`` (one program per ``BLOCK_N`` outputs of one input row, reduction in registers) is
-for decode-sized batches; ``mm`` (tensor-core ``tl.dot`` on ``BLOCK_M`` rows) for larger ones. Large
-batches (prefill) dequantize chunk by chunk and call cuBLAS, which is compute-bound there anyway.
+memory. ``gemv`` (one program per ``BLOCK_N`` outputs of one input row, reduction in registers) serves
+one row (batch-1 decode); ``mm`` (tensor-core ``tl.dot`` on ``BLOCK_M`` rows) 2 to 64 rows. More rows
+(prefill) dequantize chunk by chunk and call cuBLAS, which is compute-bound there anyway.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ __all__ = [
     "triton_quant_matmul",
 ]
 
-_CPU_CHUNK_ELEMENTS = 1 << 20  # ~4 MB of float32 weight per chunk: stays in cache on a CPU
+_CPU_CHUNK_ELEMENTS = 1 << 21  # ~8 MB of float32 weight per chunk: large enough for a fast matmul
 _GPU_CHUNK_ELEMENTS = 1 << 25  # 64 MB of fp16: big enough for cuBLAS to run at full speed
-_MAX_TRITON_ROWS = 64  # above this many input rows dequantize + cuBLAS wins (compute-bound)
+_MAX_TRITON_ROWS = 64  # above this many rows: dequantize + cuBLAS (compute-bound; crossover not yet timed)
 
 
 def triton_available() -> bool:

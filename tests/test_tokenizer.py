@@ -154,8 +154,8 @@ def test_chatglm3_system_message_matches_chatglm_cpp(glm3: ChatGLMTokenizer) -> 
 
 def test_chatglm_attributes(glm2: ChatGLMTokenizer, glm3: ChatGLMTokenizer) -> None:
     assert (glm2.vocab_size, glm3.vocab_size) == (64794, 64798)
-    assert glm2.eos_token_ids == (2,)
-    assert glm3.eos_token_ids == (2, 64795, 64797)
+    assert glm2.eos_token_ids == (2, 64793)  # </s>, eop
+    assert glm3.eos_token_ids == (2, 64793, 64795, 64797)
     assert glm2.special_ids == frozenset({0, 1, 2, *range(64789, 64794)})
     assert glm3.special_ids == frozenset({0, 1, 2, *range(64789, 64798)})
     assert [glm3.token_id(t) for t in ("[gMASK]", "sop", "<|system|>", "<|assistant|>")] == [64790, 64792, 64794, 64796]

@@ -104,8 +104,9 @@ class ChatGLMTokenizer:
         control = {token_id for token_id in (sp_model.unk_id(), sp_model.bos_id(), sp_model.eos_id()) if token_id >= 0}
         self.special_ids = frozenset(control | set(self._special_by_id))
         self.prefix_ids: tuple[int, ...] = (self._id_by_special["[gMASK]"], self._id_by_special["sop"])
-        # ChatGLM3 also ends a reply by starting the next turn: <|user|> or <|observation|>.
-        turn_ends = ("<|user|>", "<|observation|>") if chat_format == "chatglm3" else ()
+        # eop ends a generated span in the GLM objective; ChatGLM3 also ends a reply by starting the
+        # next turn: <|user|> or <|observation|>.
+        turn_ends = ("eop", "<|user|>", "<|observation|>") if chat_format == "chatglm3" else ("eop",)
         self.eos_token_ids = (sp_model.eos_id(), *(self._id_by_special[token] for token in turn_ends))
 
     @classmethod

@@ -9,23 +9,11 @@ import re
 import pytest
 
 from glmrun import doctor
-from glmrun.config import ModelConfig
 from glmrun.placement import CUDA_CONTEXT_RESERVE, CUDA_LIBRARY_RESERVE
 
-GiB = 1024**3
+from .test_placement import CHATGLM2_6B
 
-CHATGLM2_6B = ModelConfig(
-    hidden_size=4096,
-    num_layers=28,
-    num_attention_heads=32,
-    kv_channels=128,
-    multi_query_group_num=2,
-    ffn_hidden_size=13696,
-    padded_vocab_size=65024,
-    seq_length=32768,
-    rotary_dim=64,
-    add_qkv_bias=True,
-)
+GiB = 1024**3
 
 
 @pytest.fixture

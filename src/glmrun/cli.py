@@ -22,6 +22,7 @@ _COMMANDS = {
     "chat": "glmrun.terminal",
     "ask": "glmrun.terminal",
     "doctor": "glmrun.doctor",
+    "serve": "glmrun.server.cli",
     "make-checkpoint": "glmrun.checkpoint",
     "quantize": "glmrun.quantize_cli",
 }

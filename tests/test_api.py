@@ -233,3 +233,21 @@ def test_unknown_generation_option_is_named(glm):
         glm.chat("你好", temprature=0.5)
     with pytest.raises(InvalidArgumentError, match="top_p"):
         glm.chat("你好", top_p=1.5)
+
+
+def test_out_of_memory_is_a_clear_error_and_the_model_stays_usable(glm, monkeypatch):
+    # The device is simulated to run out once (no GPU here); what is tested is glmrun's handling.
+    real_head = glm.engine.model.head
+    calls = [0]
+
+    def failing_head(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_head(*args, **kwargs)
+
+    monkeypatch.setattr(glm.engine.model, "head", failing_head)
+    with pytest.raises(glmrun.errors.OutOfMemoryError, match="still loaded and usable"):
+        glm.generate("你好", max_new_tokens=4, do_sample=False)
+    assert not glm.engine.lock.locked()
+    assert glm.generate("你好", max_new_tokens=4, do_sample=False).completion_tokens >= 0

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,11 @@ async def run_level(
         t0 = time.monotonic()
         replies = await asyncio.gather(*(stream_one(http, url, b, headers) for b in bodies))
         return time.monotonic() - t0, list(replies)
+
+
+def client_round(url: str, model: str, prompts: list[list[int]], max_tokens: int, headers: dict[str, str]) -> Any:
+    """One round of clients, run in a separate process so their work does not compete with the server's."""
+    return asyncio.run(run_level(url, model, prompts, max_tokens, headers))
 
 
 def summarize(concurrency: int, wall: float, replies: list[Reply]) -> dict[str, Any]:
@@ -227,7 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default: 64)")
     p.add_argument("--max-batch", type=int, default=None, help="server batch rows (default: the largest level)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--repeats", type=int, default=1, help="rounds per level; the median round is reported")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per level, interleaved; the median is reported")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     return p.parse_args(argv)
 
@@ -285,22 +292,30 @@ def main(argv: list[str] | None = None) -> int:
             report.update(describe_local_model(model, args.quantize))
         report["model"] = model_id
 
-        # Warm-up (not reported): one request, then a round at the smallest batched level.
-        asyncio.run(run_level(url, model_id, make_prompts(tokenizer, 1, args.prompt_tokens, 10_000), 8, headers))
-        warm = min([c for c in levels if c > 1] or [1])
-        asyncio.run(run_level(url, model_id, make_prompts(tokenizer, warm, args.prompt_tokens, 20_000), 8, headers))
+        # The clients run in a process of their own (as real clients would), not in the server's.
+        clients = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
 
+        def one_round(prompts: list[list[int]], max_tokens: int) -> tuple[float, list[Reply]]:
+            return clients.submit(client_round, url, model_id, prompts, max_tokens, headers).result()
+
+        # Warm-up (not reported): one request, then a round at the smallest batched level.
+        one_round(make_prompts(tokenizer, 1, args.prompt_tokens, 10_000), 8)
+        one_round(make_prompts(tokenizer, min([c for c in levels if c > 1] or [1]), args.prompt_tokens, 20_000), 8)
+
+        # Rounds interleave the levels (1, 8, 32, 1, 8, 32, ...), so that on a shared machine every
+        # level sees the same background load; each level reports its median round.
+        rounds: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
+        for r in range(args.repeats):
+            for c in levels:
+                prompts = make_prompts(tokenizer, c, args.prompt_tokens, offset=1000 * r)
+                wall, replies = one_round(prompts, args.max_tokens)
+                rounds[c].append(summarize(c, wall, replies))
         results = []
         for c in levels:
-            rounds = []
-            for r in range(args.repeats):
-                prompts = make_prompts(tokenizer, c, args.prompt_tokens, offset=1000 * r)
-                wall, replies = asyncio.run(run_level(url, model_id, prompts, args.max_tokens, headers))
-                rounds.append(summarize(c, wall, replies))
-            rounds.sort(key=lambda s: s["aggregate_tokens_per_s"])
-            level = rounds[len(rounds) // 2]
+            ordered = sorted(rounds[c], key=lambda s: s["aggregate_tokens_per_s"])
+            level = ordered[len(ordered) // 2]
             if args.repeats > 1:
-                level["all_rounds_aggregate_tokens_per_s"] = [s["aggregate_tokens_per_s"] for s in rounds]
+                level["all_rounds_aggregate_tokens_per_s"] = [s["aggregate_tokens_per_s"] for s in rounds[c]]
             results.append(level)
             print(
                 f"{c:4d} clients: {level['aggregate_tokens_per_s']:8.2f} tok/s aggregate, "

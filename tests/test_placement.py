@@ -110,7 +110,7 @@ def test_quantize_on_load_costs_one_float_layer_while_loading():
 
 def test_dequant_chunk_mirrors_the_kernels():
     kernels = pytest.importorskip("glmrun.quant_kernels")
-    from glmrun.placement import DEQUANT_CHUNK_ELEMENTS
+    from glmrun.placement_units import DEQUANT_CHUNK_ELEMENTS
 
     assert getattr(kernels, "_GPU_CHUNK_ELEMENTS", DEQUANT_CHUNK_ELEMENTS) == DEQUANT_CHUNK_ELEMENTS
 

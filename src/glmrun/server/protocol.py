@@ -174,12 +174,20 @@ def chat_chunk(
     *,
     choices: bool = True,
 ) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return _stream_chunk(rid, model, created, "chat.completion.chunk", choice if choices else None, usage_)
+
+
+def _stream_chunk(
+    rid: str, model: str, created: int, obj: str, choice: dict[str, Any] | None, usage_: dict[str, int] | None
+) -> dict[str, Any]:
+    """One SSE chunk; ``choice`` None gives the usage-only last chunk of ``stream_options.include_usage``."""
     chunk: dict[str, Any] = {
         "id": rid,
-        "object": "chat.completion.chunk",
+        "object": obj,
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+        "choices": [choice] if choice is not None else [],
     }
     if usage_ is not None:
         chunk["usage"] = usage_
@@ -207,13 +215,5 @@ def completion_chunk(
     *,
     choices: bool = True,
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}] if choices else [],
-    }
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    return chunk
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return _stream_chunk(rid, model, created, "text_completion", choice if choices else None, usage_)

@@ -154,8 +154,7 @@ def _target(model: nn.Module, name: str) -> tuple[nn.Module, str, bool]:
     return module, attr, attr in module._buffers
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module, attr, is_buffer = _target(model, name)
+def _set_tensor(module: nn.Module, attr: str, is_buffer: bool, value: torch.Tensor) -> None:
     if is_buffer:
         module._buffers[attr] = value
     else:
@@ -235,9 +234,9 @@ def load_model(
         for name, tensor in source:
             if not account.add(name, tensor):
                 continue
-            keep_dtype = _target(model, name)[2]  # quantized buffers keep their saved dtypes
-            value = tensor.to(device=device_of(name), dtype=None if keep_dtype else torch_dtype)
-            _set_tensor(model, name, value)
+            module, attr, is_buffer = _target(model, name)  # quantized buffers keep their saved dtypes
+            value = tensor.to(device=device_of(name), dtype=None if is_buffer else torch_dtype)
+            _set_tensor(module, attr, is_buffer, value)
             layer = _layer_of(name)
             if layer is not None:
                 per_layer_left[layer] -= 1

@@ -27,7 +27,7 @@ def cuda_devices_of(module: torch.nn.Module) -> list[torch.device]:
     return list(seen)
 
 
-def memory_snapshot(devices: list[torch.device]) -> dict[str, dict[str, int]]:
+def memory_snapshot(devices: list[torch.device]) -> dict[str, dict[str, Any]]:
     """Allocated / reserved / peak bytes for each CUDA device (empty on the CPU)."""
     out: dict[str, dict[str, int]] = {}
     for dev in devices:

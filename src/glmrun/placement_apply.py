@@ -15,6 +15,7 @@ import torch
 from .config import ModelConfig, QuantSpec, load_chatglm_config
 from .errors import DeviceError
 from .loader import Checkpoint, parse_dtype
+from .memory import memory_snapshot
 from .placement import DeviceSpec, Plan, device_budget, plan_model
 
 __all__ = ["checkpoint_config", "cuda_device_specs", "plan_for_checkpoint", "predicted_vs_actual"]
@@ -71,22 +72,9 @@ def plan_for_checkpoint(
 
 def predicted_vs_actual(plan: Plan | None, devices: Sequence[torch.device]) -> dict[str, dict[str, Any]]:
     """Per GPU: the planned peak next to torch's allocated / peak-allocated / reserved bytes."""
-    out: dict[str, dict[str, Any]] = {}
-    planned = {f"cuda:{dp.device.index}": dp for dp in plan.per_device} if plan else {}
-    for dev in devices:
-        if dev.type != "cuda":
-            continue
-        key = f"cuda:{dev.index}"
-        row: dict[str, Any] = {
-            "allocated": torch.cuda.memory_allocated(dev),
-            "peak_allocated": torch.cuda.max_memory_allocated(dev),
-            "reserved": torch.cuda.memory_reserved(dev),
-            "peak_reserved": torch.cuda.max_memory_reserved(dev),
-        }
-        if key in planned:
-            dp = planned[key]
-            row["predicted_peak"] = dp.predicted_peak_bytes
-            row["budget"] = dp.budget_bytes
-            row["layers"] = dp.span
-        out[key] = row
+    out: dict[str, dict[str, Any]] = dict(memory_snapshot(list(devices)))
+    for dp in plan.per_device if plan else ():
+        row = out.get(f"cuda:{dp.device.index}")
+        if row is not None:
+            row.update(predicted_peak=dp.predicted_peak_bytes, budget=dp.budget_bytes, layers=dp.span)
     return out

@@ -5,7 +5,7 @@ Starts the server in this process on 127.0.0.1 (any --model / --device / --dtype
 each stream one /v1/completions request at the same moment: a prompt of exactly --prompt-tokens
 tokens (different for every client) and greedy decoding of --max-tokens tokens. Reported per level:
 aggregate generated tokens per second over the level's wall time, aggregate decode tokens per
-second, client-side TTFT and latency percentiles. A warm-up round runs first and is not reported;
+second, client-side TTFT and latency percentiles. A short warm-up round per level runs first and is not reported;
 the 1-client level is the baseline the others are compared with, in the same run.
 
     python benchmarks/server_concurrency.py --concurrency 1,8,32 --out benchmarks/results/server_cpu_smollm2.json
@@ -298,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         def one_round(prompts: list[list[int]], max_tokens: int) -> tuple[float, list[Reply]]:
             return clients.submit(client_round, url, model_id, prompts, max_tokens, headers).result()
 
-        # Warm-up (not reported): one request, then a round at the smallest batched level.
-        one_round(make_prompts(tokenizer, 1, args.prompt_tokens, 10_000), 8)
-        one_round(make_prompts(tokenizer, min([c for c in levels if c > 1] or [1]), args.prompt_tokens, 20_000), 8)
+        # Warm-up (not reported): a short round at every level, so that one-time costs (CUDA-graph
+        # captures for each padded batch size, allocator growth) are not in the timed rounds.
+        for k, c in enumerate(levels):
+            one_round(make_prompts(tokenizer, c, args.prompt_tokens, 10_000 * (k + 1)), 8)
 
         # Rounds interleave the levels (1, 8, 32, 1, 8, 32, ...), so that on a shared machine every
         # level sees the same background load; each level reports its median round.

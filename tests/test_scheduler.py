@@ -26,9 +26,9 @@ import torch
 import glmrun
 from glmrun.checkpoint import PRESETS, write_random_checkpoint
 from glmrun.engine import Engine, GenerationResult
-from glmrun.errors import ContextOverflowError, GlmrunError, OutOfMemoryError
+from glmrun.errors import ContextOverflowError, GlmrunError, InvalidArgumentError, OutOfMemoryError
 from glmrun.sampling import SamplingParams
-from glmrun.scheduler import QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
+from glmrun.scheduler import QueueFullError, RequestHandle, Scheduler, SchedulerClosedError, padded_batch
 
 TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared/tokenizers/chatglm2/tokenizer.model"
 GREEDY = SamplingParams(do_sample=False)
@@ -87,6 +87,37 @@ def test_greedy_batched_equals_solo(tiny: Engine) -> None:
     assert max(size for size, steps in stats.batch_sizes.items() if steps) == 5  # it did batch
     assert stats.running == stats.waiting == 0
     assert stats.finished["length"] == len(ids)
+
+
+def test_padded_batch_sizes() -> None:
+    assert [padded_batch(n, 64) for n in (1, 2, 3, 5, 8, 9, 33, 64)] == [1, 2, 4, 8, 8, 16, 64, 64]
+    assert [padded_batch(n, 6) for n in (3, 4, 5, 6)] == [4, 4, 6, 6]  # capped at the rows there are
+    for bad in (0, 7):
+        with pytest.raises(InvalidArgumentError):
+            padded_batch(bad, 6)
+
+
+@pytest.mark.parametrize("max_batch,chunk", [(5, 4), (6, 2048)])
+def test_padded_decode_steps_equal_solo(
+    tiny: Engine, monkeypatch: pytest.MonkeyPatch, max_batch: int, chunk: int
+) -> None:
+    """The CUDA-graph path pads steps to power-of-two batches; the padding rows (free rows, or the row
+    being prefilled chunk by chunk) write at the cache's last position. Forced on here (CPU), with
+    rows that run up to that last position, every reply must still equal its solo reply."""
+    monkeypatch.setattr(tiny, "prefill_chunk", chunk)  # small chunks: a prefill spans decode steps
+    ids = prompts(tiny, 9)
+    context = max(len(x) for x in ids) + 12
+    params = [GREEDY.replace(max_new_tokens=context - len(x) - (i % 3)) for i, x in enumerate(ids)]
+    solo = [tiny.generate(x, p) for x, p in zip(ids, params, strict=True)]
+    with Scheduler(tiny, max_batch=max_batch, max_queue=32, max_context=context) as sched:
+        sched._pad_batches = True
+        with held(sched):
+            handles = [sched.submit(x, p) for x, p in zip(ids, params, strict=True)]
+        batched = [h.result() for h in handles]
+        stats = sched.stats()
+    for i, (result, ref) in enumerate(zip(batched, solo, strict=True)):
+        assert same(result, ref), f"request {i}: {result.token_ids} != solo {ref.token_ids}"
+    assert any(steps for n, steps in stats.batch_sizes.items() if padded_batch(n, max_batch) != n)  # it padded
 
 
 def test_stop_strings_eos_and_repetition_penalty_match_solo(tiny: Engine) -> None:

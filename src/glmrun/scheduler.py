@@ -30,11 +30,26 @@ import torch
 
 from .engine import Engine, GenerationResult, StreamChunk
 from .errors import ContextOverflowError, GlmrunError, InvalidArgumentError
+from .fastpath import GraphDecoder, graphs_supported
 from .memory import raise_friendly_oom
 from .sampling import SamplingParams, StopStringMatcher, make_generator, sample_rows
 from .tokenizer import IncrementalDetokenizer
 
-__all__ = ["Scheduler", "RequestHandle", "SchedulerStats", "QueueFullError", "SchedulerClosedError"]
+__all__ = ["Scheduler", "RequestHandle", "SchedulerStats", "QueueFullError", "SchedulerClosedError", "padded_batch"]
+
+
+def padded_batch(n: int, max_batch: int) -> int:
+    """Rows a decode step of ``n`` requests runs on the CUDA-graph path: the next power of two, capped.
+
+    One graph per padded size (1, 2, 4, ... max_batch) instead of one per batch size keeps the number of
+    captures (and their start-up cost) logarithmic in ``max_batch``.
+    """
+    if not 1 <= n <= max_batch:
+        raise InvalidArgumentError(f"a decode step needs 1..{max_batch} rows, got {n}")
+    size = 1
+    while size < n:
+        size *= 2
+    return min(size, max_batch)
 
 
 class QueueFullError(GlmrunError):
@@ -231,6 +246,11 @@ class Scheduler:
         with raise_friendly_oom(engine):
             self._cache = engine.new_cache(max_batch, self.context_length)
         self._cache_bytes = self._cache.nbytes
+        # Decode steps replay CUDA graphs when the whole model is on GPUs (as Engine.decode_step does);
+        # steps are padded to power-of-two batches, the padding rows writing at the last position.
+        use_graphs = engine.use_cuda_graphs and graphs_supported(engine.model)
+        self._graphs: GraphDecoder | None = GraphDecoder(engine.model, self._cache) if use_graphs else None
+        self._pad_batches = use_graphs
 
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()  # guarded by _lock
@@ -374,6 +394,7 @@ class Scheduler:
         for req in pending:
             self._finished["error"] += 1
             req.handle._push(error)
+        self._graphs = None
         self._cache.free()
 
     def _drop_cancelled(self) -> None:
@@ -440,15 +461,9 @@ class Scheduler:
     def _decode_step(self) -> None:
         batch = self._decoding
         n = len(batch)
-        tokens = torch.tensor([[r.next_token] for r in batch], dtype=torch.long, device=self._device)  # [n, 1]
-        positions = torch.tensor([[r.length] for r in batch], dtype=torch.long, device=self._device)  # [n, 1]
-        length = max(r.length for r in batch) + 1
         try:
             with raise_friendly_oom(self.engine):
-                logits = self.engine.model(
-                    tokens, positions, self._cache, length=length, first_row=0, logits="last"
-                )  # [n, V]
-                logits = self.engine.mask_logits(logits)
+                logits = self.engine.mask_logits(self._decode_logits(batch))  # [n, V]
                 params = [r.params for r in batch]
                 history = [r.history for r in batch if r.history is not None]
                 generators = [r.generator for r in batch]
@@ -468,6 +483,20 @@ class Scheduler:
                 done[i] = reason
         for i in sorted(done, reverse=True):
             self._release([i], done[i])
+
+    def _decode_logits(self, batch: Sequence[_Request]) -> torch.Tensor:
+        """Logits [n, V] of one decode step of rows 0..n-1 (padded to a graph's batch when padding)."""
+        n = len(batch)
+        rows = padded_batch(n, self.max_batch) if self._pad_batches else n
+        # Padding rows are free rows (or the one being prefilled): they write one throw-away key at the
+        # cache's last position, which a row only reads after its own decode step has overwritten it.
+        pad = [self._cache.max_len - 1] * (rows - n)
+        tokens = torch.tensor([[r.next_token] for r in batch] + [[0]] * (rows - n), device=self._device)  # [rows, 1]
+        positions = torch.tensor([[r.length] for r in batch] + [[p] for p in pad], device=self._device)  # [rows, 1]
+        length = max(r.length for r in batch) + 1
+        if self._graphs is not None:
+            return self._graphs.step(tokens, positions, length)[:n]
+        return self.engine.model(tokens, positions, self._cache, length=length, first_row=0, logits="last")[:n]
 
     def _accept(self, req: _Request, token: int) -> str | None:
         """Take one sampled token, as Engine.stream's loop does; the finish reason if the request ends."""

@@ -151,7 +151,7 @@ def main() -> int:
         free, total = torch.cuda.mem_get_info(0)
         torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(0) + 300 * MiB) / total, 0)
         try:
-            m.generate(list(range(100, 30100)), max_new_tokens=4, do_sample=False)
+            m.generate(list(range(100, 30100)), max_new_tokens=4, max_length=32768, do_sample=False)
             res["oom"] = {"raised": False}
         except OutOfMemoryError as exc:
             res["oom"] = {

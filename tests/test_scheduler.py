@@ -356,3 +356,24 @@ def test_embedded_model_batched_greedy_equals_solo(smol: Engine) -> None:
     for q, (texts, result), ref in zip(QUESTIONS, results, solo, strict=True):
         assert same(result, ref), f"{q!r}: {result.text!r} != solo {ref.text!r}"
         assert "".join(texts) == ref.text
+
+
+def test_coalesced_async_iteration_merges_waiting_text(tiny: Engine) -> None:
+    ids = prompts(tiny, 1)[0]
+    params = GREEDY.replace(max_new_tokens=12)
+    ref = tiny.generate(ids, params)
+    with Scheduler(tiny, max_batch=1) as sched:
+        handle = sched.submit(ids, params)
+        deadline = time.monotonic() + 60
+        while not handle.finished and time.monotonic() < deadline:  # every chunk is queued, none consumed
+            time.sleep(0.01)
+        assert handle.finished
+
+        async def collect() -> list:
+            return [chunk async for chunk in handle.aiter(coalesce=True)]
+
+        chunks = asyncio.run(collect())
+    assert len(chunks) == 2  # the waiting text chunks as one, then the final chunk with the result
+    assert chunks[0].token_id == ref.token_ids[-1] and chunks[0].result is None
+    assert "".join(c.text for c in chunks) == ref.text and chunks[1].result is not None
+    assert chunks[1].result.token_ids == ref.token_ids

@@ -12,6 +12,7 @@ the 6B preset needs about 2 GB of RAM, not 12.5 GB.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -224,12 +225,13 @@ def write_random_checkpoint(
     weight_map: dict[str, str] = {}
     done = 0
     for file_name, (start, stop) in zip(file_names, _split_blocks(sizes, shards), strict=True):
-        tensors: dict[str, torch.Tensor] = {}
-        for block in blocks[start:stop]:
-            for name in block:
-                tensors[name] = random_tensor(name, shapes[name], seed=seed, dtype=torch_dtype)
-                if include_inv_freq and name == "transformer.embedding.word_embeddings.weight":
-                    tensors["transformer.rotary_pos_emb.inv_freq"] = _inv_freq(config, torch_dtype)
+        names = [name for block in blocks[start:stop] for name in block]
+        # Each tensor has its own generator, so they can be drawn in parallel (torch releases the GIL).
+        with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            drawn = pool.map(lambda n: random_tensor(n, shapes[n], seed=seed, dtype=torch_dtype), names)
+            tensors: dict[str, torch.Tensor] = dict(zip(names, drawn, strict=True))
+        if include_inv_freq and "transformer.embedding.word_embeddings.weight" in tensors:
+            tensors["transformer.rotary_pos_emb.inv_freq"] = _inv_freq(config, torch_dtype)
         _save_shard(tensors, out / file_name, fmt)
         weight_map.update(dict.fromkeys(tensors, file_name))
         done += sum(sizes[start:stop])

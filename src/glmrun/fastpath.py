@@ -49,9 +49,14 @@ class _Segment:
     """One device's part of a decode step, captured as one graph."""
 
     def __init__(
-        self, graph: torch.cuda.CUDAGraph, inputs: torch.Tensor, positions: torch.Tensor, output: torch.Tensor
+        self,
+        device: torch.device,
+        graph: torch.cuda.CUDAGraph,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        output: torch.Tensor,
     ) -> None:
-        self.graph, self.inputs, self.positions, self.output = graph, inputs, positions, output
+        self.device, self.graph, self.inputs, self.positions, self.output = device, graph, inputs, positions, output
 
 
 class GraphDecoder:
@@ -63,6 +68,7 @@ class GraphDecoder:
         self.segments = device_segments(model)
         self.graphs: dict[tuple[int, int], list[_Segment]] = {}
         self.pools = {dev: torch.cuda.graph_pool_handle() for dev, _ in self.segments}
+        self.streams = {dev: torch.cuda.Stream(dev) for dev, _ in self.segments}
 
     def _capture(self, batch: int, bucket: int) -> list[_Segment]:
         model, cache = self.model, self.cache
@@ -93,9 +99,11 @@ class GraphDecoder:
                         out = step()
                 torch.cuda.current_stream(dev).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pools[dev]):
+                # A capture stream of this device: torch's default one belongs to the first device
+                # it was made on, and capturing there records nothing of this device's work.
+                with torch.cuda.graph(graph, pool=self.pools[dev], stream=self.streams[dev]):
                     out = step()
-            captured.append(_Segment(graph, seg_in, positions, out))
+            captured.append(_Segment(dev, graph, seg_in, positions, out))
             inputs = out
         return captured
 
@@ -114,8 +122,9 @@ class GraphDecoder:
                 vc[:batch, :, :1].copy_(v0)
         previous = tokens
         for seg in segments:
-            seg.inputs.copy_(previous)
-            seg.positions.copy_(positions)
-            seg.graph.replay()
+            with torch.cuda.device(seg.device):  # replay on this device's current stream
+                seg.inputs.copy_(previous)
+                seg.positions.copy_(positions)
+                seg.graph.replay()
             previous = seg.output
         return previous

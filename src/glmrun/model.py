@@ -266,7 +266,12 @@ class ChatGLMForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Layers ``layers`` only (a device's segment when the model is split over GPUs)."""
         B, T = positions.shape
-        mode = ("causal" if length == T else "chunk") if B == 1 and T > 1 and not masked else "rows"
+        # "causal": fresh prompts (every row at positions 0..T-1, e.g. right-padded prompts of a batch);
+        # "chunk": a later piece of one row's prompt; "rows": decode steps (each row masked by position).
+        if T > 1 and not masked and length == T:
+            mode = "causal"
+        else:
+            mode = "chunk" if B == 1 and T > 1 and not masked else "rows"
         steps: dict[torch.device, StepInputs] = {}
         devices = self.layer_devices()
         for i in layers:
@@ -285,6 +290,10 @@ class ChatGLMForCausalLM(nn.Module):
             return x
         if logits == "last":
             x = x[:, -1]  # [B, hidden]
+        return self.project(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of final-normed hidden states ``[..., hidden]`` -> ``[..., V]``."""
         weight = self.output_weight()
         x = x.to(weight.device)
         head = self.transformer.output_layer if not self.config.tie_word_embeddings else None

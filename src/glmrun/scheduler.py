@@ -107,6 +107,7 @@ class RequestHandle:
         self._finished = False  # the last item (result or error) was pushed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
+        self._async_waiting = False  # the async consumer sleeps on _event (guarded by _cond)
 
     @property
     def cancelled(self) -> bool:
@@ -131,7 +132,8 @@ class RequestHandle:
             self._finished = isinstance(item, BaseException) or item.result is not None
             self._cond.notify_all()
             loop, event = self._loop, self._event
-        if loop is not None and event is not None:
+            wake, self._async_waiting = self._async_waiting, False
+        if wake and loop is not None and event is not None:  # only a sleeping consumer needs the loop woken
             try:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # the consumer's event loop is closed: nobody is listening
@@ -158,9 +160,12 @@ class RequestHandle:
                 self.cancel()
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
-        return self._aiter()
+        return self.aiter()
 
-    async def _aiter(self) -> AsyncIterator[StreamChunk]:
+    async def aiter(self, *, coalesce: bool = False) -> AsyncIterator[StreamChunk]:
+        """The chunks, asynchronously. ``coalesce=True`` merges text chunks already waiting into one
+        (their ``token_id`` is then the last one's): a consumer that falls behind the decode steps, e.g.
+        a server writing one event per chunk to many clients, catches up with fewer, larger pieces."""
         event = asyncio.Event()
         with self._cond:
             self._loop, self._event = asyncio.get_running_loop(), event
@@ -171,6 +176,18 @@ class RequestHandle:
                     item = self._items.popleft() if self._items else None
                     if item is None:
                         event.clear()  # under the lock: a push after this sets it again
+                        self._async_waiting = True
+                    elif coalesce and isinstance(item, StreamChunk) and item.result is None:
+                        texts, last = [item.text], item
+                        while self._items:
+                            nxt = self._items[0]
+                            if not isinstance(nxt, StreamChunk) or nxt.result is not None:
+                                break
+                            texts.append(nxt.text)
+                            last = nxt
+                            self._items.popleft()
+                        if len(texts) > 1:
+                            item = StreamChunk("".join(texts), last.token_id)
                 if item is None:
                     await event.wait()
                     continue
@@ -410,20 +427,25 @@ class Scheduler:
         self._release([i for i, r in enumerate(self._decoding) if r.handle.cancelled], "cancelled")
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, one engine chunk at a time, up to one chunk's worth of tokens."""
+        """Prefill waiting requests into free rows, up to one prefill chunk's worth of tokens per call.
+
+        Short prompts are prefilled together, right-padded into one ``[k, T]`` causal call (a row's
+        padding writes keys past its prompt, which its own decode steps overwrite before reading);
+        a prompt longer than a chunk goes alone, one chunk per call, as ``Engine.prefill`` does.
+        """
         chunk = self.engine.prefill_chunk
         budget = chunk
         while budget > 0:
-            req = self._prefilling
-            if req is None:
-                if len(self._decoding) >= self.max_batch:
+            if self._prefilling is None:
+                group = self._take_group(budget)
+                if not group:
                     return
-                with self._lock:
-                    if not self._waiting:
-                        return
-                    req = self._waiting.popleft()
-                req.row, req.length = len(self._decoding), 0
-                self._prefilling = req
+                if len(group) > 1 or len(group[0].ids) <= chunk:
+                    budget -= len(group) * max(len(r.ids) for r in group)
+                    self._prefill_group(group)
+                    continue
+                self._prefilling = group[0]
+            req = self._prefilling
             lo = req.length
             hi = min(lo + chunk, len(req.ids))  # the same chunks as Engine.prefill, so the same numbers
             tokens = torch.tensor([req.ids[lo:hi]], dtype=torch.long, device=self._device)  # [1, T]
@@ -443,6 +465,45 @@ class Scheduler:
             if hi == len(req.ids):
                 self._prefilling = None
                 self._start(req, logits)
+
+    def _take_group(self, budget: int) -> list[_Request]:
+        """Waiting requests for the free rows, in order: those whose padded batch fits ``budget`` tokens
+        (at least the first one, which may be a long prompt to prefill chunk by chunk)."""
+        group: list[_Request] = []
+        free = self.max_batch - len(self._decoding)
+        with self._lock:
+            while self._waiting and len(group) < free:
+                longest = max([len(self._waiting[0].ids), *(len(r.ids) for r in group)])
+                if group and (len(group) + 1) * longest > budget:
+                    break
+                group.append(self._waiting.popleft())
+        for i, req in enumerate(group):
+            req.row, req.length = len(self._decoding) + i, 0
+        return group
+
+    def _prefill_group(self, group: list[_Request]) -> None:
+        """Prefill whole prompts of several requests in one call; each then takes its first token."""
+        k, longest = len(group), max(len(r.ids) for r in group)
+        lengths = torch.tensor([len(r.ids) for r in group], device=self._device)  # [k]
+        rows = [r.ids + [0] * (longest - len(r.ids)) for r in group]
+        tokens = torch.tensor(rows, dtype=torch.long, device=self._device)  # [k, T]
+        positions = torch.arange(longest, device=self._device).expand(k, longest)  # [k, T]
+        model = self.engine.model
+        try:
+            with raise_friendly_oom(self.engine):
+                hidden = model(tokens, positions, self._cache, length=longest, first_row=group[0].row, logits="none")
+                last = hidden[torch.arange(k, device=hidden.device), lengths.to(hidden.device) - 1]  # [k, hidden]
+                logits = model.project(last)  # [k, V]
+        except Exception as exc:
+            self._fail(group, exc)
+            return
+        for i, req in enumerate(group):
+            req.length = len(req.ids)
+            self._prefill_tokens += req.length
+            if req.row != len(self._decoding):  # an earlier one of the group ended at its first token
+                self._cache.move_row(req.row, len(self._decoding), req.length)
+                req.row = len(self._decoding)
+            self._start(req, logits[i : i + 1])
 
     def _start(self, req: _Request, logits: torch.Tensor) -> None:
         """The prompt is in the cache: set up the request's sampling state and take its first token."""

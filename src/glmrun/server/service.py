@@ -105,7 +105,7 @@ class Service:
     async def stream(self, handle: RequestHandle) -> AsyncIterator[StreamChunk]:
         """The handle's chunks. Cancels the request if the consumer stops early (client gone)."""
         try:
-            async for chunk in handle:
+            async for chunk in handle.aiter(coalesce=True):  # a client that falls behind gets larger pieces
                 yield chunk
         finally:
             handle.cancel()  # a no-op once finished; frees the row if the consumer went away

@@ -91,11 +91,14 @@ def test_quantized_layer_sizes():
     assert int4 == _linears_int4(128) + rest
     assert 0.50 < int8 / fp16 < 0.52  # about half, plus one scale per 128 weights
     assert 0.25 < int4 / fp16 < 0.28  # about a quarter, plus a scale and a zero per 128 weights
-    # The embedding and (as the loader does) the output layer stay in fp16.
+    # The embedding stays in fp16; the output layer is INT8 (head_bits=8, the loader's default) or fp16.
+    head8 = 65024 * 4096 + 65024 * 32 * 2 + 4096 * 2  # codes, one fp16 scale per 128, the final norm
     for spec in (QuantSpec(8), QuantSpec(4)):
         units = model_units(CHATGLM2_6B, quant=spec)
-        assert units[0].weight_bytes == units[-1].weight_bytes - 4096 * 2 == 65024 * 4096 * 2
-    head4 = model_units(CHATGLM2_6B, quant=QuantSpec(4), quantize_output_layer=True)[-1].weight_bytes
+        assert units[0].weight_bytes == 65024 * 4096 * 2 and units[-1].weight_bytes == head8
+        exact_head = model_units(CHATGLM2_6B, quant=QuantSpec(spec.bits, head_bits=None))[-1].weight_bytes
+        assert exact_head == 65024 * 4096 * 2 + 4096 * 2
+    head4 = model_units(CHATGLM2_6B, quant=QuantSpec(4, head_bits=4))[-1].weight_bytes
     assert head4 == 65024 * 4096 // 2 + 2 * 65024 * 32 * 2 + 4096 * 2
 
 

@@ -59,6 +59,18 @@ def test_logits_match_transformers_llama(glm, hf_llama):
             assert (ours_step - step_ref).abs().max().item() < TOL
 
 
+def test_cpu_float32_load_blocks_the_matrices_for_multi_row_products(glm):
+    # The logits test above then checks the blocked path (prefill rows) against transformers.
+    from glmrun.cpu_linear import PackedLinear, blocked_supported
+
+    if not blocked_supported():
+        pytest.skip("this torch has no oneDNN")
+    model = glm.engine.model
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 4 * model.config.num_layers  # qkv, attention output, gate/up, down
+    assert model.blocked_head is not None  # SmolLM2 ties its output matrix to the embedding
+
+
 def test_greedy_answer_names_paris(glm):
     reply = glm.chat("What is the capital of France?", do_sample=False, max_new_tokens=24)
     assert "Paris" in reply.text

@@ -88,9 +88,9 @@ def time_glmrun(
     seed: int = 0,
 ) -> RunStats:
     """Prefill ``batch`` prompts of ``prompt_len`` random tokens, then decode ``gen_len`` greedy tokens."""
-    devices = sorted(set(model.layer_devices()) | {model.output_weight().device}, key=str)
+    devices = sorted(set(model.layer_devices()) | {model.output_device()}, key=str)
     first = model.transformer.embedding.word_embeddings.weight.device
-    last = model.output_weight().device
+    last = model.output_device()
     prompts = bench_prompts(batch, prompt_len, seed, model.config.padded_vocab_size)
     max_len = prompt_len + gen_len
     cache = KVCache(
@@ -219,15 +219,16 @@ def run(args: argparse.Namespace) -> int:
         dtype = parse_dtype(args.dtype, device, config)
         model = random_model(config, device, dtype)
         if quant is not None:
-            from .quant import quantize_model_
+            from .quant import quantize_head_, quantize_model_
 
             for layer in model.layers:
                 quantize_model_(layer, quant)
+            quantize_head_(model, quant)
         source = f"preset {args.preset} (random weights)"
     else:
         ckpt = resolve_checkpoint(args.model)
         model, _ = load_model(ckpt, dtype=args.dtype, device=device, quantize=quant, progress=False)
-        config, dtype, source = model.config, model.output_weight().dtype, str(ckpt.path)
+        config, dtype, source = model.config, model.compute_dtype, str(ckpt.path)
     stats = time_glmrun(
         model,
         prompt_len=args.prompt_len,

@@ -26,16 +26,25 @@ class QuantSpec:
 
     bits: int  # 8 or 4
     group_size: int = 128
+    # The output layer of a model with its own (untied) output matrix: INT8 with the same group size
+    # (8), or kept in the compute dtype (None, as checkpoints saved before this field was added).
+    head_bits: int | None = 8
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ConfigError(f"quantization bits must be 4 or 8, got {self.bits}")
+        if self.head_bits not in (None, 4, 8):
+            raise ConfigError(f"quantization head_bits must be 4, 8 or null, got {self.head_bits}")
         if self.group_size <= 0 or self.group_size % 2:
             raise ConfigError(f"quantization group_size must be a positive even number, got {self.group_size}")
 
     @property
     def name(self) -> str:
         return f"int{self.bits}"
+
+    def head_spec(self) -> QuantSpec | None:
+        """How the output layer is quantized (None: kept in the compute dtype)."""
+        return None if self.head_bits is None else QuantSpec(self.head_bits, self.group_size, head_bits=None)
 
 
 @dataclass(frozen=True)
@@ -175,7 +184,7 @@ class ModelConfig:
                 family="chatglm",
                 eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
                 pad_token_id=int(raw.get("pad_token_id", 0) or 0),
-                quantization=QuantSpec(**quant) if quant else None,
+                quantization=QuantSpec(**{"head_bits": None, **quant}) if quant else None,
                 extra={k: raw[k] for k in ("architectures", "auto_map") if k in raw},
             )
         except (TypeError, ValueError) as exc:
@@ -227,7 +236,8 @@ class ModelConfig:
         if self.rope_ratio != 1.0:
             out["rope_ratio"] = self.rope_ratio
         if self.quantization is not None:
-            out["glmrun_quantization"] = {"bits": self.quantization.bits, "group_size": self.quantization.group_size}
+            q = self.quantization
+            out["glmrun_quantization"] = {"bits": q.bits, "group_size": q.group_size, "head_bits": q.head_bits}
         return out
 
 

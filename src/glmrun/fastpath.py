@@ -22,7 +22,7 @@ _MIN_BUCKET = 256
 
 def graphs_supported(model: ChatGLMForCausalLM) -> bool:
     """CUDA graphs need every layer on a GPU; a model split over GPUs gets one graph per GPU."""
-    return all(d.type == "cuda" for d in model.layer_devices()) and model.output_weight().device.type == "cuda"
+    return all(d.type == "cuda" for d in model.layer_devices()) and model.output_device().type == "cuda"
 
 
 def device_segments(model: ChatGLMForCausalLM) -> list[tuple[torch.device, range]]:

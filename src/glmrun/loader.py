@@ -202,9 +202,10 @@ def load_model(
     with torch.device("meta"):
         model = ChatGLMForCausalLM(config, dtype=torch_dtype)
     if saved_quant is not None:
-        from .quant import quantize_model_
+        from .quant import quantize_head_, quantize_model_
 
         quantize_model_(model, saved_quant, skip=_quant_skip)  # empty quantized modules on meta, filled below
+        quantize_head_(model, saved_quant)
     expected = {n: tuple(p.shape) for n, p in model.state_dict(keep_vars=True).items()}
     if saved_quant is None:
         official = official_tensor_shapes(config)
@@ -245,12 +246,28 @@ def load_model(
 
                     quantize_model_(model.layers[layer], quant)  # one layer at a time: low peak memory
     account.finish()
-    # The output layer stays in the compute dtype: it decides every token and is cheap to keep exact.
+    if quant is not None and saved_quant is None:
+        from .quant import quantize_head_
+
+        # The output layer at 8 bits (QuantSpec.head_bits): 4 bits there would cost more quality than it saves.
+        quantize_head_(model, quant)
     if quant is not None:
         config = config.replace(quantization=quant)
         model.config = config
+    elif dev.type == "cpu" and torch_dtype == torch.float32:
+        _pack_for_cpu(model)
     model.eval()
     return model, tokenizer
+
+
+def _pack_for_cpu(model: ChatGLMForCausalLM) -> None:
+    """Blocked copies of the float32 matrices for multi-row products (see glmrun.cpu_linear)."""
+    from .cpu_linear import BlockedCopy, pack_cpu_linears_
+
+    embedding = model.transformer.embedding.word_embeddings.weight
+    tied = embedding.numel() * 4 if model.config.tie_word_embeddings else 0
+    if pack_cpu_linears_(model, extra_bytes=tied) and tied:
+        model.blocked_head = BlockedCopy(embedding)
 
 
 def _quant_skip(name: str) -> bool:

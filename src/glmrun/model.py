@@ -23,6 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
+from .cpu_linear import BlockedCopy, linear_rows
 
 __all__ = ["ChatGLMForCausalLM", "rotary_tables", "apply_rotary"]
 
@@ -192,6 +193,9 @@ class ChatGLMForCausalLM(nn.Module):
     ):
         super().__init__()
         self.config = config
+        # A oneDNN-blocked copy of the tied output matrix for multi-row logits on the CPU (glmrun.cpu_linear);
+        # a plain attribute, so it is neither saved nor moved.
+        self.blocked_head: BlockedCopy | None = None
         dev = torch.device(device) if device is not None else None
         self.transformer = Backbone(config, device=dev, dtype=dtype)
 
@@ -206,9 +210,25 @@ class ChatGLMForCausalLM(nn.Module):
         return [layer.input_layernorm.weight.device for layer in self.blocks()]
 
     def output_weight(self) -> torch.Tensor:
+        """The output matrix in the compute dtype (an error for a quantized output layer: see output_device)."""
         if self.config.tie_word_embeddings:
             return self.transformer.embedding.word_embeddings.weight
-        return self.transformer.output_layer.weight
+        weight = getattr(self.transformer.output_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError("the output layer is quantized: it has no float weight")
+        return weight
+
+    def output_device(self) -> torch.device:
+        """Where the logits are computed (the output layer's device, or the embedding's when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.transformer.embedding.word_embeddings.weight.device
+        return next(
+            t for t in (*self.transformer.output_layer.parameters(), *self.transformer.output_layer.buffers())
+        ).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.transformer.embedding.word_embeddings.weight.dtype
 
     def _step_inputs(self, positions: torch.Tensor, length: int, first_row: int, mode: str, masked: bool) -> StepInputs:
         cos, sin = rotary_tables(self.config, positions)
@@ -219,7 +239,7 @@ class ChatGLMForCausalLM(nn.Module):
             visible = torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None]
             visible = visible[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
             # additive, in the compute dtype: SDPA need not convert a boolean mask in every layer
-            mask = torch.zeros(visible.shape, dtype=self.output_weight().dtype, device=positions.device)
+            mask = torch.zeros(visible.shape, dtype=self.compute_dtype, device=positions.device)
             mask.masked_fill_(~visible, float("-inf"))
         return StepInputs(positions, cos, sin, length, first_row, mode, mask)
 
@@ -294,8 +314,9 @@ class ChatGLMForCausalLM(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of final-normed hidden states ``[..., hidden]`` -> ``[..., V]``."""
-        weight = self.output_weight()
-        x = x.to(weight.device)
-        head = self.transformer.output_layer if not self.config.tie_word_embeddings else None
-        out = head(x) if head is not None else F.linear(x, weight)
+        x = x.to(self.output_device())
+        if self.config.tie_word_embeddings:
+            out = linear_rows(x, self.transformer.embedding.word_embeddings.weight, None, self.blocked_head)
+        else:
+            out = self.transformer.output_layer(x)
         return out.float()  # [B, V] or [B, T, V]

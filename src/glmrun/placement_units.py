@@ -268,14 +268,13 @@ def model_units(
     dtype_bytes: int = 2,
     quant: QuantSpec | None = None,
     kv_dtype_bytes: int = 2,
-    quantize_output_layer: bool = False,
 ) -> list[Unit]:
     """The units of ``config`` in order, sized exactly from its shapes.
 
-    ``quant`` (default: the config's own ``quantization``) quantizes the layers' linears; norms, biases
-    and the embedding table stay at ``dtype_bytes``, and so does the output layer unless
-    ``quantize_output_layer`` (the loader keeps it exact). A quantization not saved in the config happens
-    on load, one float layer at a time, which costs :attr:`Unit.load_extra_bytes`. With tied embeddings the
+    ``quant`` (default: the config's own ``quantization``) quantizes the layers' linears, and a separate
+    output layer as ``quant.head_spec()`` says (INT8 by default); norms, biases and the embedding table stay
+    at ``dtype_bytes``. A quantization not saved in the config happens on load, one float layer (and at the
+    end the float output layer) at a time, which costs :attr:`Unit.load_extra_bytes`. With tied embeddings the
     head owns no matrix: its logits are computed on the embedding's device from the embedding table, so
     that small transient is counted with the embedding instead.
     """
@@ -332,12 +331,18 @@ def model_units(
         transients=(Transient("token ids", per_token=8),) + ((logits,) if config.tie_word_embeddings else ()),
         stream_bytes_per_token=stream,
     )
-    out_layer = 0 if config.tie_word_embeddings else _linear_bytes(v, h, d, quant if quantize_output_layer else None)
+    head_quant = quant.head_spec() if quant is not None else None
+    out_layer = 0 if config.tie_word_embeddings else _linear_bytes(v, h, d, head_quant)
+    head_load_extra = v * h * d - out_layer + QUANTIZE_WORKSPACE_BYTES if on_load and head_quant and out_layer else 0
     head_transients = [Transient("final norm", per_token=h * (3 * 4 + d))]
     if not config.tie_word_embeddings:
         head_transients.append(Transient("logits", per_token=h * d, per_row=v * (d + 4)))
     head = Unit(
-        "head", weight_bytes=h * d + out_layer, transients=tuple(head_transients), stream_bytes_per_token=stream
+        "head",
+        weight_bytes=h * d + out_layer,
+        transients=tuple(head_transients),
+        stream_bytes_per_token=stream,
+        load_extra_bytes=head_load_extra,
     )
     return [embedding, *(layer(i) for i in range(config.num_layers)), head]
 

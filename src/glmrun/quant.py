@@ -47,6 +47,7 @@ __all__ = [
     "quantize_weight",
     "dequantize",
     "quantize_model_",
+    "quantize_head_",
     "replace_with_empty_quant_linears_",
     "quantized_state_shapes",
     "quantized_bytes",
@@ -320,6 +321,18 @@ def quantize_model_(model: nn.Module, spec: QuantSpec, *, skip: Callable[[str], 
             _set_submodule(model, name, QuantLinear.from_linear(linear, spec))
         del linear  # the model no longer references it; its weight is freed unless shared elsewhere
     return len(found)
+
+
+def quantize_head_(model: nn.Module, spec: QuantSpec) -> int:
+    """Quantize the separate output layer (``transformer.output_layer``) as ``spec.head_spec()`` says.
+
+    Returns 1 if it was swapped, 0 when there is none (tied embeddings) or the spec keeps it float.
+    Works on a meta model too (empty modules, filled by the loader).
+    """
+    head = spec.head_spec()
+    if head is None:
+        return 0
+    return quantize_model_(model, head, skip=lambda name: name != "transformer.output_layer")
 
 
 def _empty_like(linear: nn.Linear, spec: QuantSpec, device: torch.device | str) -> QuantLinear:

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--dtype",
         default="float16",
         choices=["float16", "bfloat16", "float32"],
-        help="dtype of the unquantized parts (embedding, norms, output layer)",
+        help="dtype of the unquantized parts (embedding, norms, biases); the output layer is saved as INT8",
     )
     p.add_argument("--device", default="cpu", help="where to quantize (cuda is faster)")
     p.set_defaults(func=run)

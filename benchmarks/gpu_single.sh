@@ -17,5 +17,10 @@ for s in $stages; do
     int4)        $b --dtype float16 --quantize int4 --prompt-len 2048 --gen-len 128 --prefill-chunk 512 --json "$out/int4_2k.json" ;;
     mem32k_int4) $b --dtype float16 --quantize int4 --prompt-len 32768 --gen-len 8 --prefill-chunk 2048 --json "$out/int4_32k.json" ;;
     mem32k_fp16) $b --dtype float16 --prompt-len 32768 --gen-len 8 --prefill-chunk 2048 --json "$out/fp16_32k_mem.json" ;;
+    mem32k_int4_c1024) $b --dtype float16 --quantize int4 --prompt-len 32768 --gen-len 8 --prefill-chunk 1024 --json "$out/int4_32k_chunk1024.json" ;;
+    profile_fp16) python3 benchmarks/profile_decode.py "$out/profile_fp16.json" ;;
+    profile_int8) python3 benchmarks/profile_decode.py "$out/profile_int8.json" --quantize int8 ;;
+    profile_int4) python3 benchmarks/profile_decode.py "$out/profile_int4.json" --quantize int4 ;;
+    *) echo "unknown stage $s" ;;
   esac
 done

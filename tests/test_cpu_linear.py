@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from glmrun.cpu_linear import PackedLinear, blocked_supported, pack_cpu_linears_
+from glmrun.cpu_linear import (
+    HalfWeightLinear,
+    PackedLinear,
+    blocked_supported,
+    half_weights_,
+    half_weights_supported,
+    pack_cpu_linears_,
+)
 
 pytestmark = pytest.mark.skipif(not blocked_supported(), reason="this torch has no oneDNN")
 
@@ -60,3 +67,40 @@ def test_pack_model_swaps_float32_linears_only_when_memory_allows() -> None:
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
     half = nn.Sequential(linear().half())
     assert pack_cpu_linears_(half) == 0  # float16 matrices stay as they are
+
+
+needs_fbgemm = pytest.mark.skipif(not half_weights_supported(), reason="no fbgemm float16 products on this CPU")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("shape", [(1, 64), (2, 1, 64), (8, 64)])
+def test_half_weight_linear_is_the_float16_matrix_in_float32_arithmetic(shape: tuple[int, ...]) -> None:
+    dense = linear()
+    half = HalfWeightLinear(dense)
+    assert half.weight.dtype == torch.float16 and half.bias is dense.bias
+    assert half.state_dict()["weight"].dtype == torch.float16
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        got = half(x)
+        want = torch.nn.functional.linear(x, dense.weight.half().float(), dense.bias)  # the rounded matrix
+    assert got.dtype == torch.float32 and got.shape == (*shape[:-1], 96)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_fbgemm
+def test_half_weight_linear_follows_new_values() -> None:
+    half = HalfWeightLinear(linear())
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        half.weight.mul_(0.5)
+    with torch.inference_mode():
+        want = torch.nn.functional.linear(x, half.weight.float(), half.bias)
+        torch.testing.assert_close(half(x), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_fbgemm
+def test_half_weights_swaps_float32_linears() -> None:
+    model = nn.Sequential(linear(), nn.ReLU(), linear(64, 96))
+    assert half_weights_(model) == 2
+    assert all(isinstance(m, HalfWeightLinear) for m in (model[0], model[2]))
+    assert half_weights_(model) == 0  # already converted

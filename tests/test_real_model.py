@@ -61,14 +61,41 @@ def test_logits_match_transformers_llama(glm, hf_llama):
 
 def test_cpu_float32_load_blocks_the_matrices_for_multi_row_products(glm):
     # The logits test above then checks the blocked path (prefill rows) against transformers.
-    from glmrun.cpu_linear import PackedLinear, blocked_supported
+    from glmrun.cpu_linear import BlockedCopy, PackedLinear, blocked_supported
 
     if not blocked_supported():
         pytest.skip("this torch has no oneDNN")
     model = glm.engine.model
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 4 * model.config.num_layers  # qkv, attention output, gate/up, down
-    assert model.blocked_head is not None  # SmolLM2 ties its output matrix to the embedding
+    assert isinstance(model.fast_head, BlockedCopy)  # SmolLM2 ties its output matrix to the embedding
+
+
+def test_default_cpu_dtype_is_float16_matrices_with_float32_arithmetic(glm):
+    """The default on an x86 CPU: float16 matrices (fbgemm) -- logits still near transformers' float32
+    ones, and the answers unchanged in substance."""
+    from glmrun.cpu_linear import HalfPacked, HalfWeightLinear, half_weights_supported
+
+    if not half_weights_supported():
+        pytest.skip("no fbgemm float16 products on this CPU")
+    with glmrun.load(GGUF, device="cpu", progress=False) as half:
+        model = half.engine.model
+        layers = [m for m in model.modules() if isinstance(m, HalfWeightLinear)]
+        assert len(layers) == 4 * model.config.num_layers
+        assert all(m.weight.dtype == torch.float16 for m in layers)
+        assert isinstance(model.fast_head, HalfPacked) and model.compute_dtype == torch.float32
+        ids = glm.tokenizer.encode(planted_document()[:1500])
+        logits = []
+        for m in (glm.engine.model, model):
+            cache = KVCache(m.config, rows=1, max_len=len(ids), dtype=torch.float32, devices=m.layer_devices())
+            with torch.inference_mode():
+                logits.append(m(torch.tensor([ids]), torch.arange(len(ids))[None], cache, logits="all")[0])
+        ref, got = logits
+        # float16 rounds each weight by <= 2^-11 relative: logits (~30 in size) move by a few hundredths.
+        assert (got - ref).abs().max().item() < 0.15  # measured 0.038
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.99  # measured 1.0
+        reply = half.chat("What is the capital of France?", max_new_tokens=24, do_sample=False)
+        assert "Paris" in reply.text
 
 
 def test_greedy_answer_names_paris(glm):

@@ -208,6 +208,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from .api import parse_quantize
+    from .cpu_linear import half_weights_model_, half_weights_supported
     from .loader import load_model, parse_device, parse_dtype, resolve_checkpoint
 
     device = parse_device(args.device)
@@ -217,7 +218,10 @@ def run(args: argparse.Namespace) -> int:
 
         config = PRESETS[args.preset]
         dtype = parse_dtype(args.dtype, device, config)
-        model = random_model(config, device, dtype)
+        cpu_half = device.type == "cpu" and dtype == torch.float16 and half_weights_supported()
+        model = random_model(config, device, torch.float32 if cpu_half else dtype)
+        if cpu_half:  # float16 on the CPU: float16 matrices, float32 arithmetic (as glmrun.load does)
+            half_weights_model_(model)
         if quant is not None:
             from .quant import quantize_head_, quantize_model_
 

@@ -42,7 +42,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default=None,
         choices=["float16", "bfloat16", "float32"],
-        help="compute dtype (default: the checkpoint's on a GPU, float32 on the CPU)",
+        help="dtype (default: the checkpoint's on a GPU; on the CPU float16 matrices with float32 arithmetic)",
     )
     g.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization on load")
     g.add_argument("--devices", default=None, help="GPUs to split the model over, e.g. 0,1")

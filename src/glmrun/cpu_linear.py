@@ -15,18 +15,46 @@ results already do between different row counts.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BlockedCopy", "PackedLinear", "blocked_supported", "pack_cpu_linears_", "linear_rows"]
+__all__ = [
+    "BlockedCopy",
+    "HalfPacked",
+    "HalfWeightLinear",
+    "PackedLinear",
+    "blocked_supported",
+    "half_weights_supported",
+    "half_weights_",
+    "half_weights_model_",
+    "pack_cpu_linears_",
+    "linear_rows",
+]
 
 _ROWS_HINT = 8  # the blocked layout is chosen for about this many rows (any count works)
 
 
 def blocked_supported() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def half_weights_supported() -> bool:
+    """fbgemm's float16-weight products (x86 CPUs)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_prepack_fp16"
+    )
+
+
+def _key_of(weight: torch.Tensor) -> tuple[int, int]:
+    """Changes when the tensor is replaced or modified in place."""
+    return weight.data_ptr(), weight._version
+
+
+def _on_cpu_float32(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 class BlockedCopy:
@@ -36,31 +64,49 @@ class BlockedCopy:
     def __init__(self, weight: torch.Tensor) -> None:
         self._key, self._blocked = self._block(weight)
 
-    @classmethod
-    def _block(cls, weight: torch.Tensor) -> tuple[tuple[int, int], torch.Tensor]:
-        return cls._key_of(weight), torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _ROWS_HINT)
+    @staticmethod
+    def _block(weight: torch.Tensor) -> tuple[tuple[int, int], torch.Tensor]:
+        return _key_of(weight), torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _ROWS_HINT)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The product from the blocked copy; None where the dense path should run (one row, not float32)."""
+        if x.numel() == x.shape[-1] or not _on_cpu_float32(x, weight):
+            return None
+        if _key_of(weight) != self._key:
+            self._key, self._blocked = self._block(weight)
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self._blocked, bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class HalfPacked:
+    """fbgemm's packed float16 copy of a ``[out, in]`` matrix (and its float32 bias) for float32 inputs:
+    half the bytes a decode step reads, float32 arithmetic. Follows its original as BlockedCopy does."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self._key, self._packed = self._pack(weight, bias)
 
     @staticmethod
-    def _key_of(weight: torch.Tensor) -> tuple[int, int]:
-        return weight.data_ptr(), weight._version
+    def _pack(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[tuple[int, int], Any]:
+        b = None if bias is None else bias.detach().float()
+        return _key_of(weight), torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), b)
 
-    def of(self, weight: torch.Tensor) -> torch.Tensor | None:
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != torch.float32:
             return None
-        if self._key_of(weight) != self._key:
-            self._key, self._blocked = self._block(weight)
-        return self._blocked
+        if _key_of(weight) != self._key:
+            self._key, self._packed = self._pack(weight, bias)
+        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), self._packed)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def linear_rows(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocked: BlockedCopy | None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fast: BlockedCopy | HalfPacked | None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, from the blocked copy when there is one and ``x`` has several rows."""
-    packed = blocked.of(weight) if blocked is not None and x.numel() != x.shape[-1] else None
-    if packed is None or x.device.type != "cpu" or x.dtype != torch.float32:
-        return F.linear(x, weight, bias)
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-    return out.view(*x.shape[:-1], out.shape[-1])
+    """``F.linear(x, weight, bias)``, from the fast copy where it applies."""
+    out = fast.linear(x, weight, bias) if fast is not None else None
+    if out is not None:
+        return out
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 class PackedLinear(nn.Linear):
@@ -71,10 +117,47 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.blocked = BlockedCopy(linear.weight)  # a plain attribute: not saved, not moved by .to()
+        self.fast = BlockedCopy(linear.weight)  # a plain attribute: not saved, not moved by .to()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_rows(x, self.weight, self.bias, self.blocked)
+        return linear_rows(x, self.weight, self.bias, self.fast)
+
+
+class HalfWeightLinear(nn.Module):
+    """A linear layer whose matrix is kept in float16 (state dict: ``weight`` float16, ``bias`` float32)
+    and multiplied in float32 by fbgemm: what ``dtype="float16"`` means on the CPU."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.float16), requires_grad=False)
+        self.bias = linear.bias
+        self.fast = HalfPacked(self.weight, self.bias)  # a plain attribute: not saved, not moved
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_rows(x, self.weight, self.bias, self.fast)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16"
+
+
+def half_weights_(model: nn.Module) -> int:
+    """Swap every float32 CPU ``nn.Linear`` of ``model`` for a :class:`HalfWeightLinear`; the count swapped."""
+    found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and _on_cpu_float32(m.weight)]
+    for name, linear in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, HalfWeightLinear(linear))
+    return len(found)
+
+
+def half_weights_model_(model: Any) -> int:
+    """:func:`half_weights_` on a ChatGLMForCausalLM, plus a float16 copy of a tied output matrix (the
+    embedding table itself stays float32 for the lookups)."""
+    swapped = half_weights_(model)
+    if model.config.tie_word_embeddings:
+        model.fast_head = HalfPacked(model.transformer.embedding.word_embeddings.weight, None)
+    return swapped
 
 
 def _available_memory() -> int | None:

@@ -219,7 +219,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         choices=sorted(_DTYPE_BYTES),
-        help="compute dtype (default: the checkpoint's on a GPU, float32 on the CPU)",
+        help="dtype (default: the checkpoint's on a GPU; on the CPU float16 matrices with float32 arithmetic)",
     )
     p.add_argument("--quantize", choices=["int8", "int4"], help="plan for weight-only quantization on load")
     p.add_argument("--context", type=int, metavar="N", help="context length to plan for (default: the model's)")

@@ -19,6 +19,7 @@ from torch import nn
 
 from .chat_format import detect_chatglm_format
 from .config import ModelConfig, QuantSpec, load_chatglm_config
+from .cpu_linear import half_weights_supported
 from .errors import CheckpointNotFoundError, DeviceError, InvalidArgumentError
 from .model import ChatGLMForCausalLM
 from .tokenizer import ChatGLMTokenizer, GGUFTokenizer, Tokenizer
@@ -113,14 +114,15 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device, config: ModelConfig) -> torch.dtype:
-    """None picks the checkpoint's dtype on a GPU and float32 on the CPU (half-precision CPU math is slow)."""
+    """None picks the checkpoint's dtype on a GPU; on the CPU float16 where fbgemm multiplies float16
+    matrices in float32 (x86: half the bytes per token, see glmrun.cpu_linear), else float32."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPE_NAMES.values():
             raise InvalidArgumentError(f"dtype {dtype} is not supported: use float16, bfloat16 or float32")
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cpu":
-            return torch.float32
+            return torch.float16 if half_weights_supported() else torch.float32
         return _DTYPE_NAMES[config.torch_dtype]
     try:
         return _DTYPE_NAMES[dtype.strip().lower()]
@@ -193,6 +195,11 @@ def load_model(
         tokenizer = ChatGLMTokenizer.from_file(tok_path, chat_format=detect_chatglm_format(ckpt.path))
     dev = parse_device(device)
     torch_dtype = parse_dtype(dtype, dev, config)
+    # float16 on the CPU: float16 matrices multiplied in float32 by fbgemm (half-precision CPU arithmetic is
+    # slow and loses accuracy); the model is built and loaded in float32, its linear layers then converted.
+    cpu_half = dev.type == "cpu" and torch_dtype == torch.float16 and half_weights_supported()
+    if cpu_half:
+        torch_dtype = torch.float32
     saved_quant = config.quantization
     quant = quantize or saved_quant
     if layer_devices is None:
@@ -245,6 +252,10 @@ def load_model(
                     from .quant import quantize_model_
 
                     quantize_model_(model.layers[layer], quant)  # one layer at a time: low peak memory
+                elif per_layer_left[layer] == 0 and cpu_half and quant is None:
+                    from .cpu_linear import half_weights_
+
+                    half_weights_(model.layers[layer])  # one layer at a time: low peak memory
     account.finish()
     if quant is not None and saved_quant is None:
         from .quant import quantize_head_
@@ -254,6 +265,10 @@ def load_model(
     if quant is not None:
         config = config.replace(quantization=quant)
         model.config = config
+    elif cpu_half:
+        from .cpu_linear import half_weights_model_
+
+        half_weights_model_(model)  # the output layer (the layers were converted as they loaded)
     elif dev.type == "cpu" and torch_dtype == torch.float32:
         _pack_for_cpu(model)
     model.eval()
@@ -267,7 +282,7 @@ def _pack_for_cpu(model: ChatGLMForCausalLM) -> None:
     embedding = model.transformer.embedding.word_embeddings.weight
     tied = embedding.numel() * 4 if model.config.tie_word_embeddings else 0
     if pack_cpu_linears_(model, extra_bytes=tied) and tied:
-        model.blocked_head = BlockedCopy(embedding)
+        model.fast_head = BlockedCopy(embedding)
 
 
 def _quant_skip(name: str) -> bool:

@@ -23,7 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
-from .cpu_linear import BlockedCopy, linear_rows
+from .cpu_linear import BlockedCopy, HalfPacked, linear_rows
 
 __all__ = ["ChatGLMForCausalLM", "rotary_tables", "apply_rotary"]
 
@@ -193,9 +193,9 @@ class ChatGLMForCausalLM(nn.Module):
     ):
         super().__init__()
         self.config = config
-        # A oneDNN-blocked copy of the tied output matrix for multi-row logits on the CPU (glmrun.cpu_linear);
-        # a plain attribute, so it is neither saved nor moved.
-        self.blocked_head: BlockedCopy | None = None
+        # A faster copy of the tied output matrix for the CPU (glmrun.cpu_linear): oneDNN-blocked for multi-row
+        # logits, or float16 for dtype="float16"; a plain attribute, so it is neither saved nor moved.
+        self.fast_head: BlockedCopy | HalfPacked | None = None
         dev = torch.device(device) if device is not None else None
         self.transformer = Backbone(config, device=dev, dtype=dtype)
 
@@ -316,7 +316,7 @@ class ChatGLMForCausalLM(nn.Module):
         """Logits (float32) of final-normed hidden states ``[..., hidden]`` -> ``[..., V]``."""
         x = x.to(self.output_device())
         if self.config.tie_word_embeddings:
-            out = linear_rows(x, self.transformer.embedding.word_embeddings.weight, None, self.blocked_head)
+            out = linear_rows(x, self.transformer.embedding.word_embeddings.weight, None, self.fast_head)
         else:
             out = self.transformer.output_layer(x)
         return out.float()  # [B, V] or [B, T, V]

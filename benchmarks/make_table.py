@@ -1,6 +1,7 @@
 """Print the README's benchmark table (Markdown) from the JSON results under benchmarks/results/.
 
 python benchmarks/make_table.py            # prints the table
+python benchmarks/make_table.py --write    # replaces the table between the README's markers
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def rows() -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(RESULTS.glob("**/*.json")):
+        if "earlier" in path.parts:  # superseded runs of older code stay on disk, out of the table
+            continue
         data = json.loads(path.read_text())
         if "glmrun" not in data or "environment" not in data:
             continue
@@ -43,6 +46,17 @@ def rows() -> list[str]:
     return out
 
 
+def write_readme(readme: Path) -> None:
+    text = readme.read_text()
+    start, end = "<!-- table:start -->\n", "<!-- table:end -->"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + "\n".join(rows()) + "\n" + end + tail)
+
+
 if __name__ == "__main__":
-    print("\n".join(rows()))
+    if "--write" in sys.argv[1:]:
+        write_readme(RESULTS.parents[1] / "README.md")
+    else:
+        print("\n".join(rows()))
     sys.exit(0)

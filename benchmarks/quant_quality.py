@@ -5,7 +5,7 @@
 On the real SmolLM2-135M weights (dequantized from its GGUF to float32) over the text of this repository's
 README and CHANGELOG, and on random ChatGLM2-shaped weights (a small preset, real vocabulary) over the same
 text: top-1 agreement and mean KL(reference || quantized) per position, from ``glmrun.quant.logit_agreement``.
-Group size 64 (SmolLM2's 576-wide layers are not a multiple of 128).
+Group size --group (default 64: SmolLM2's 576-wide layers are not a multiple of 128).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--positions", type=int, default=3000)
+    ap.add_argument("--group", type=int, default=64, help="weights per scale (SmolLM2's widths: 576, 1536)")
     args = ap.parse_args()
     text = (ROOT / "README.md").read_text() + "\n" + (ROOT / "CHANGELOG.md").read_text()
     torch.manual_seed(0)
@@ -55,7 +56,7 @@ def main() -> int:
         "command": "python benchmarks/quant_quality.py " + " ".join(sys.argv[1:]),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "group_size": 64,
+        "group_size": args.group,
         "text": "README.md + CHANGELOG.md of this repository",
     }
 
@@ -71,7 +72,7 @@ def main() -> int:
 
         return load_model(resolve_checkpoint(path), dtype="float32", device="cpu", progress=False)[0]
 
-    result["smollm2"] = {"positions": len(ids), **compare(load_smol, ids, 64)}
+    result["smollm2"] = {"positions": len(ids), **compare(load_smol, ids, args.group)}
     print("smollm2", result["smollm2"], flush=True)
 
     cfg = PRESETS["tiny"].replace(
@@ -85,7 +86,7 @@ def main() -> int:
     result["random_chatglm2_small"] = {
         "positions": len(glm_ids),
         "shape": "hidden 256, 4 layers, vocab 65024",
-        **compare(load_random, glm_ids, 64),
+        **compare(load_random, glm_ids, args.group),
     }
     print("random chatglm2", result["random_chatglm2_small"], flush=True)
     Path(args.json).write_text(json.dumps(result, indent=2))

@@ -104,6 +104,15 @@ def test_greedy_answer_names_paris(glm):
     assert reply.result.finish_reason in ("stop", "length")
 
 
+def test_default_sampling_of_the_embedded_model_answers_sensibly(glm):
+    # The README's first command asks without --temperature: the GGUF default is greedy (see
+    # SamplingParams.model_defaults for why), so the answer is the right one every time.
+    assert glm.defaults.greedy
+    assert "Paris" in glm.chat("What is the capital of France?", max_new_tokens=24).text
+    sampled = glm.chat("What is the capital of France?", max_new_tokens=4, temperature=0.9, seed=1)
+    assert sampled.result.completion_tokens >= 1  # a temperature still samples (the API turns sampling on)
+
+
 def test_stream_equals_non_stream(glm):
     query = "Write one sentence about the sea."
     blocking = glm.chat(query, do_sample=False, max_new_tokens=32)

@@ -371,3 +371,16 @@ def test_no_stop_flushes_everything() -> None:
 def test_matcher_rejects_empty_stop() -> None:
     with pytest.raises(InvalidArgumentError, match="stop"):
         StopStringMatcher(["ok", ""])
+
+
+def test_model_defaults_per_family() -> None:
+    from glmrun.api import sampling_params
+
+    glm = SamplingParams.model_defaults("chatglm")
+    assert glm == SamplingParams.chatglm2_defaults() and not glm.greedy
+    llama = SamplingParams.model_defaults("llama")
+    assert llama.greedy
+    assert not sampling_params(llama, {"temperature": 0.7}).greedy  # a temperature turns sampling on
+    assert sampling_params(llama, {"temperature": 0}).greedy
+    assert sampling_params(glm, {"temperature": 0}).greedy
+    assert sampling_params(glm, {"temperature": 0.5, "do_sample": False}).greedy  # an explicit choice wins

@@ -65,6 +65,8 @@ def sampling_params(base: SamplingParams, options: dict[str, Any]) -> SamplingPa
     unknown = set(options) - _SAMPLING_KEYS
     if unknown:
         raise InvalidArgumentError(f"unknown generation option(s) {sorted(unknown)}; known: {sorted(_SAMPLING_KEYS)}")
+    if "temperature" in options and "do_sample" not in options:  # a temperature asks for sampling (0: greedy)
+        options = {**options, "do_sample": options["temperature"] != 0}
     return base.replace(**options) if options else base
 
 
@@ -87,7 +89,7 @@ class GLMModel:
         self.engine: Engine | None = Engine(
             model, tokenizer, context_length=context_length, prefill_chunk=prefill_chunk
         )
-        self.defaults = SamplingParams.chatglm2_defaults()
+        self.defaults = SamplingParams.model_defaults(model.config.family)
         if self.engine.context_length < (self.defaults.max_length or 0):
             self.defaults = self.defaults.replace(max_length=self.engine.context_length)
         self._session = Session()

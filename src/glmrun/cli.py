@@ -52,7 +52,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--temperature", type=float, default=None, help="0 means greedy (default 0.8)")
+    g.add_argument(
+        "--temperature", type=float, default=None, help="0 means greedy (default: 0.8 for ChatGLM; GGUF models: greedy)"
+    )
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 0.8)")
     g.add_argument("--top-k", type=int, default=None, help="top-k sampling (default off)")
     g.add_argument("--repetition-penalty", type=float, default=None)
@@ -68,6 +70,7 @@ def sampling_options(args: argparse.Namespace) -> dict[str, object]:
             opts["do_sample"] = False
         else:
             opts["temperature"] = args.temperature
+            opts["do_sample"] = True  # a temperature asks for sampling, also where the model's default is greedy
     for name in ("top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed"):
         value = getattr(args, name)
         if value is not None:

@@ -208,7 +208,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from .api import parse_quantize
-    from .cpu_linear import half_weights_model_, half_weights_supported
+    from .cpu_linear import half_weights_for, half_weights_model_
     from .loader import load_model, parse_device, parse_dtype, resolve_checkpoint
 
     device = parse_device(args.device)
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
         config = PRESETS[args.preset]
         dtype = parse_dtype(args.dtype, device, config)
-        cpu_half = device.type == "cpu" and dtype == torch.float16 and half_weights_supported()
+        cpu_half = half_weights_for(device, dtype)
         model = random_model(config, device, torch.float32 if cpu_half else dtype)
         if cpu_half:  # float16 on the CPU: float16 matrices, float32 arithmetic (as glmrun.load does)
             half_weights_model_(model)

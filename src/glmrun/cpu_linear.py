@@ -15,6 +15,7 @@ results already do between different row counts.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,8 +30,10 @@ __all__ = [
     "blocked_supported",
     "half_weights_supported",
     "half_weights_",
+    "half_weights_for",
     "half_weights_model_",
     "pack_cpu_linears_",
+    "pack_model_",
     "linear_rows",
 ]
 
@@ -57,45 +60,52 @@ def _on_cpu_float32(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
-class BlockedCopy:
-    """A oneDNN-blocked copy of a float32 CPU ``[out, in]`` matrix that follows its original: if the
-    matrix is changed in place or replaced it is re-blocked; moved off the CPU or cast, it is not used."""
+class _FollowingCopy:
+    """A faster copy of a ``[out, in]`` matrix (and bias) that follows its original: made again when the
+    matrix is changed in place or replaced (see :func:`_key_of`)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self._key, self._blocked = self._block(weight)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self._key, self._copy = _key_of(weight), self._make(weight, bias)
 
     @staticmethod
-    def _block(weight: torch.Tensor) -> tuple[tuple[int, int], torch.Tensor]:
-        return _key_of(weight), torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _ROWS_HINT)
+    def _make(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        raise NotImplementedError
+
+    def _current(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        if _key_of(weight) != self._key:
+            self._key, self._copy = _key_of(weight), self._make(weight, bias)
+        return self._copy
+
+
+class BlockedCopy(_FollowingCopy):
+    """A oneDNN-blocked copy of a float32 CPU matrix; moved off the CPU or cast, it is not used."""
+
+    @staticmethod
+    def _make(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _ROWS_HINT)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The product from the blocked copy; None where the dense path should run (one row, not float32)."""
         if x.numel() == x.shape[-1] or not _on_cpu_float32(x, weight):
             return None
-        if _key_of(weight) != self._key:
-            self._key, self._blocked = self._block(weight)
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self._blocked, bias, "none", [], "")
+        blocked = self._current(weight, bias)
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), blocked, bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-class HalfPacked:
-    """fbgemm's packed float16 copy of a ``[out, in]`` matrix (and its float32 bias) for float32 inputs:
-    half the bytes a decode step reads, float32 arithmetic. Follows its original as BlockedCopy does."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self._key, self._packed = self._pack(weight, bias)
+class HalfPacked(_FollowingCopy):
+    """fbgemm's packed float16 copy of a matrix (and its float32 bias) for float32 inputs: half the bytes
+    a decode step reads, float32 arithmetic."""
 
     @staticmethod
-    def _pack(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[tuple[int, int], Any]:
+    def _make(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
         b = None if bias is None else bias.detach().float()
-        return _key_of(weight), torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), b)
+        return torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), b)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != torch.float32:
             return None
-        if _key_of(weight) != self._key:
-            self._key, self._packed = self._pack(weight, bias)
-        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), self._packed)
+        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), self._current(weight, bias))
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -141,14 +151,26 @@ class HalfWeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16"
 
 
-def half_weights_(model: nn.Module) -> int:
-    """Swap every float32 CPU ``nn.Linear`` of ``model`` for a :class:`HalfWeightLinear`; the count swapped."""
-    found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and _on_cpu_float32(m.weight)]
+def _plain_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def _swap(model: nn.Module, found: list[tuple[str, nn.Linear]], make: Callable[[nn.Linear], nn.Module]) -> int:
     for name, linear in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, HalfWeightLinear(linear))
+        setattr(parent, child, make(linear))
     return len(found)
+
+
+def half_weights_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` on ``device`` means float16 matrices with float32 arithmetic (the CPU's float16)."""
+    return device.type == "cpu" and dtype == torch.float16 and half_weights_supported()
+
+
+def half_weights_(model: nn.Module) -> int:
+    """Swap every float32 CPU ``nn.Linear`` of ``model`` for a :class:`HalfWeightLinear`; the count swapped."""
+    return _swap(model, [(n, m) for n, m in _plain_linears(model) if _on_cpu_float32(m.weight)], HalfWeightLinear)
 
 
 def half_weights_model_(model: Any) -> int:
@@ -156,7 +178,7 @@ def half_weights_model_(model: Any) -> int:
     embedding table itself stays float32 for the lookups)."""
     swapped = half_weights_(model)
     if model.config.tie_word_embeddings:
-        model.fast_head = HalfPacked(model.transformer.embedding.word_embeddings.weight, None)
+        model.fast_head = HalfPacked(model.transformer.embedding.word_embeddings.weight)
     return swapped
 
 
@@ -173,17 +195,21 @@ def pack_cpu_linears_(model: nn.Module, *, extra_bytes: int = 0, max_fraction: f
     Nothing is packed (0) without oneDNN, when a matrix is not float32 on the CPU, or when the copies
     would take (with ``extra_bytes`` the caller packs too) more than ``max_fraction`` of the memory available now.
     """
-    found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-    if not found or not blocked_supported():
-        return 0
-    if any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for _, m in found):
+    found = _plain_linears(model)
+    if not found or not blocked_supported() or not all(_on_cpu_float32(m.weight) for _, m in found):
         return 0
     needed = sum(m.weight.numel() * 4 for _, m in found) + extra_bytes
     available = _available_memory()
     if available is None or needed > max_fraction * available:
         return 0
-    for name, linear in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(linear))
-    return len(found)
+    return _swap(model, found, PackedLinear)
+
+
+def pack_model_(model: Any) -> int:
+    """:func:`pack_cpu_linears_` on a ChatGLMForCausalLM, plus a blocked copy of a tied output matrix."""
+    embedding = model.transformer.embedding.word_embeddings.weight
+    tied = embedding.numel() * 4 if model.config.tie_word_embeddings else 0
+    swapped = pack_cpu_linears_(model, extra_bytes=tied)
+    if swapped and tied:
+        model.fast_head = BlockedCopy(embedding)
+    return swapped

@@ -19,7 +19,7 @@ from torch import nn
 
 from .chat_format import detect_chatglm_format
 from .config import ModelConfig, QuantSpec, load_chatglm_config
-from .cpu_linear import half_weights_supported
+from .cpu_linear import half_weights_for, half_weights_supported
 from .errors import CheckpointNotFoundError, DeviceError, InvalidArgumentError
 from .model import ChatGLMForCausalLM
 from .tokenizer import ChatGLMTokenizer, GGUFTokenizer, Tokenizer
@@ -197,7 +197,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype, dev, config)
     # float16 on the CPU: float16 matrices multiplied in float32 by fbgemm (half-precision CPU arithmetic is
     # slow and loses accuracy); the model is built and loaded in float32, its linear layers then converted.
-    cpu_half = dev.type == "cpu" and torch_dtype == torch.float16 and half_weights_supported()
+    cpu_half = half_weights_for(dev, torch_dtype)
     if cpu_half:
         torch_dtype = torch.float32
     saved_quant = config.quantization
@@ -270,19 +270,11 @@ def load_model(
 
         half_weights_model_(model)  # the output layer (the layers were converted as they loaded)
     elif dev.type == "cpu" and torch_dtype == torch.float32:
-        _pack_for_cpu(model)
+        from .cpu_linear import pack_model_
+
+        pack_model_(model)  # blocked copies of the float32 matrices for multi-row products
     model.eval()
     return model, tokenizer
-
-
-def _pack_for_cpu(model: ChatGLMForCausalLM) -> None:
-    """Blocked copies of the float32 matrices for multi-row products (see glmrun.cpu_linear)."""
-    from .cpu_linear import BlockedCopy, pack_cpu_linears_
-
-    embedding = model.transformer.embedding.word_embeddings.weight
-    tied = embedding.numel() * 4 if model.config.tie_word_embeddings else 0
-    if pack_cpu_linears_(model, extra_bytes=tied) and tied:
-        model.fast_head = BlockedCopy(embedding)
 
 
 def _quant_skip(name: str) -> bool:

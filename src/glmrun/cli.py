@@ -64,14 +64,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, object]:
+    # A temperature turns sampling on or, at 0, off: glmrun.api.sampling_params derives do_sample from it.
     opts: dict[str, object] = {}
-    if args.temperature is not None:
-        if args.temperature == 0:
-            opts["do_sample"] = False
-        else:
-            opts["temperature"] = args.temperature
-            opts["do_sample"] = True  # a temperature asks for sampling, also where the model's default is greedy
-    for name in ("top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed"):
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed"):
         value = getattr(args, name)
         if value is not None:
             opts[name] = value

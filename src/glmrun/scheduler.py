@@ -173,21 +173,10 @@ class RequestHandle:
         try:
             while True:
                 with self._cond:
-                    item = self._items.popleft() if self._items else None
+                    item = self._pop_locked(coalesce)
                     if item is None:
                         event.clear()  # under the lock: a push after this sets it again
                         self._async_waiting = True
-                    elif coalesce and isinstance(item, StreamChunk) and item.result is None:
-                        texts, last = [item.text], item
-                        while self._items:
-                            nxt = self._items[0]
-                            if not isinstance(nxt, StreamChunk) or nxt.result is not None:
-                                break
-                            texts.append(nxt.text)
-                            last = nxt
-                            self._items.popleft()
-                        if len(texts) > 1:
-                            item = StreamChunk("".join(texts), last.token_id)
                 if item is None:
                     await event.wait()
                     continue
@@ -201,6 +190,24 @@ class RequestHandle:
         finally:
             if not done:
                 self.cancel()
+
+    def _pop_locked(self, coalesce: bool) -> _Item | None:
+        """The next item, or None (the caller holds ``_cond``); ``coalesce`` merges the text chunks
+        already waiting into one, whose ``token_id`` is the last one's."""
+        if not self._items:
+            return None
+        item = self._items.popleft()
+        if not coalesce or not isinstance(item, StreamChunk) or item.result is not None:
+            return item
+        texts, last = [item.text], item
+        while self._items:
+            nxt = self._items[0]
+            if not isinstance(nxt, StreamChunk) or nxt.result is not None:
+                break
+            texts.append(nxt.text)
+            last = nxt
+            self._items.popleft()
+        return item if last is item else StreamChunk("".join(texts), last.token_id)
 
     def result(self) -> GenerationResult:
         """Block until the request ends; its result (the chunks are consumed)."""

@@ -15,7 +15,7 @@ import torch
 from .cache import KVCache
 from .model import ChatGLMForCausalLM
 
-__all__ = ["GraphDecoder", "graphs_supported", "length_bucket", "device_segments"]
+__all__ = ["GraphDecoder", "graphs_supported", "length_bucket", "pow2_bucket", "device_segments"]
 
 _MIN_BUCKET = 256
 
@@ -37,12 +37,17 @@ def device_segments(model: ChatGLMForCausalLM) -> list[tuple[torch.device, range
     return segments
 
 
+def pow2_bucket(value: int, *, start: int, cap: int) -> int:
+    """The smallest ``start * 2**k`` that holds ``value``, capped at ``cap`` (graph sizes: few shapes)."""
+    bucket = start
+    while bucket < value:
+        bucket *= 2
+    return min(bucket, cap)
+
+
 def length_bucket(length: int, max_len: int) -> int:
     """The smallest power-of-two multiple of 256 that holds ``length``, capped at ``max_len``."""
-    bucket = _MIN_BUCKET
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, max_len)
+    return pow2_bucket(length, start=_MIN_BUCKET, cap=max_len)
 
 
 class _Segment:

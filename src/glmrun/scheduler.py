@@ -30,7 +30,7 @@ import torch
 
 from .engine import Engine, GenerationResult, StreamChunk
 from .errors import ContextOverflowError, GlmrunError, InvalidArgumentError
-from .fastpath import GraphDecoder, graphs_supported
+from .fastpath import GraphDecoder, graphs_supported, pow2_bucket
 from .memory import raise_friendly_oom
 from .sampling import SamplingParams, StopStringMatcher, make_generator, sample_rows
 from .tokenizer import IncrementalDetokenizer
@@ -46,10 +46,7 @@ def padded_batch(n: int, max_batch: int) -> int:
     """
     if not 1 <= n <= max_batch:
         raise InvalidArgumentError(f"a decode step needs 1..{max_batch} rows, got {n}")
-    size = 1
-    while size < n:
-        size *= 2
-    return min(size, max_batch)
+    return pow2_bucket(n, start=1, cap=max_batch)
 
 
 class QueueFullError(GlmrunError):

@@ -577,6 +577,23 @@ CHROMIUM_ARGS = [
 ]
 
 
+def set_slider(page: Any, label: str, value: int) -> None:
+    """Type a value into a Gradio slider's number box until its range input shows it too.
+
+    A page still settling (CI runs this beside other tests) can re-render a control and drop a value
+    typed a moment earlier, so the value is checked where the submit reads it, and typed again if lost.
+    """
+    number = page.get_by_label(f"number input for {label}")
+    slider = page.get_by_label(f"range slider for {label}")
+    for _ in range(20):
+        number.fill(str(value))
+        number.press("Tab")
+        time.sleep(0.25)
+        if number.input_value() == str(value) and float(slider.input_value()) == value:
+            return
+    raise AssertionError(f"the page did not take {label} = {value}: {number.input_value()!r}, {slider.input_value()!r}")
+
+
 @pytest.mark.skipif(not HAS_GRADIO, reason="gradio is not installed (pip install 'glmrun[server]')")
 @pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
@@ -604,9 +621,7 @@ def test_web_chat_streams_an_answer(base: str, solo: dict[str, GenerationResult]
             box.wait_for(timeout=60_000)
             page.get_by_text("Additional inputs").click()
             for label, value in (("Maximum new tokens", MAX_TOKENS), ("Temperature (0 = greedy)", 0)):
-                field = page.get_by_label(f"number input for {label}")
-                field.fill(str(value))
-                field.press("Tab")
+                set_slider(page, label, value)
             box.fill(question)
             box.press("Enter")
             seen: list[str] = []
@@ -619,10 +634,28 @@ def test_web_chat_streams_an_answer(base: str, solo: dict[str, GenerationResult]
                 if seen and seen[-1].strip() == solo[question].text.strip():
                     break
                 time.sleep(0.05)
+            toasts = page.locator('[data-testid="toast-body"]').all_inner_texts()
         finally:
             browser.close()
-    assert seen, "no answer appeared"
+    assert seen, f"no answer appeared; the page said: {toasts}"
     assert seen[-1].strip() == solo[question].text.strip()  # greedy: the engine's own reply
     assert len(seen) >= 3, f"the answer did not stream: {seen}"
     assert all(seen[-1].startswith(s.strip()) for s in seen), seen
     assert not outside, f"the page tried to reach outside hosts: {outside}"
+
+
+def test_page_sliders_cap_the_reply_at_the_context_and_start_greedy_for_llama() -> None:
+    from glmrun.server.ui import page_params, start_temperature
+
+    llama = SamplingParams.model_defaults("llama")
+    glm = SamplingParams.model_defaults("chatglm")
+    assert start_temperature(llama) == 0.0  # the page's first turn answers as the CLI and API do
+    assert start_temperature(glm) == glm.temperature > 0
+    # The slider reads 512 but a 38-token question leaves 474 of a 512-token context: the reply may use them.
+    assert page_params(llama, 474, 512, 0.8, 0.0).max_new_tokens == 474
+    assert page_params(llama, 474, 16, 0.8, 0.0).max_new_tokens == 16
+    # No room at all: one token is asked for, which the scheduler refuses with the counts.
+    assert page_params(llama, -3, 512, 0.8, 0.0).max_new_tokens == 1
+    sampled = page_params(llama, 100, 50, 0.7, 0.5)
+    assert sampled.do_sample and (sampled.temperature, sampled.top_p) == (0.5, 0.7)
+    assert not page_params(glm, 100, 50, 0.0, 0.9).do_sample  # top-p 0 is greedy too

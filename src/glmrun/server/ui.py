@@ -22,7 +22,7 @@ from ..sampling import SamplingParams
 from .http_errors import APIError
 from .service import Service
 
-__all__ = ["mount_chat_ui", "history_messages"]
+__all__ = ["mount_chat_ui", "history_messages", "page_params", "start_temperature"]
 
 _SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 _MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
@@ -54,6 +54,33 @@ def history_messages(history: list[Any], message: Any) -> list[Message]:
     return out
 
 
+_MAX_NEW_INFO = "at most this many, and never past the end of the context the conversation leaves"
+
+
+def start_temperature(defaults: SamplingParams) -> float:
+    """The temperature slider's starting value: the model's default, or 0 where the model answers greedily."""
+    return defaults.temperature if defaults.do_sample else 0.0
+
+
+def page_params(
+    defaults: SamplingParams, room: int, max_new_tokens: float, top_p: float, temperature: float
+) -> SamplingParams:
+    """A web chat turn's sampling from the page's sliders.
+
+    Temperature or top-p 0 means greedy. "Maximum new tokens" is a ceiling: a reply stops where the
+    context ends (``room`` tokens after the conversation), as the official web demo's maximum length
+    does, instead of refusing a short question because the slider still reads 512. A conversation
+    with no room left (``room`` < 1) asks for one token, so the scheduler refuses it with the counts.
+    """
+    greedy = temperature == 0 or top_p == 0
+    return SamplingParams(
+        temperature=float(temperature) if not greedy else defaults.temperature,
+        top_p=float(top_p) if not greedy else defaults.top_p,
+        do_sample=not greedy,
+        max_new_tokens=max(1, min(int(max_new_tokens), room)),
+    )
+
+
 def mount_chat_ui(app: FastAPI, service: Service, *, path: str = "/ui") -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio reads it when imported
     import gradio as gr
@@ -63,13 +90,8 @@ def mount_chat_ui(app: FastAPI, service: Service, *, path: str = "/ui") -> None:
     ) -> AsyncIterator[str]:
         try:
             ids = service.chat_ids(history_messages(history, message))
-            greedy = temperature == 0 or top_p == 0
-            params = SamplingParams(
-                temperature=float(temperature) if not greedy else service.defaults.temperature,
-                top_p=float(top_p) if not greedy else service.defaults.top_p,
-                do_sample=not greedy,
-                max_new_tokens=int(max_new_tokens),
-            )
+            room = service.context_length - len(ids)
+            params = page_params(service.defaults, room, max_new_tokens, top_p, temperature)
             handle = service.submit(ids, params, request_id=f"ui-{uuid.uuid4().hex}", param="messages")
         except APIError as exc:
             raise gr.Error(exc.message) from None
@@ -83,9 +105,9 @@ def mount_chat_ui(app: FastAPI, service: Service, *, path: str = "/ui") -> None:
 
     context = service.context_length
     controls = [
-        gr.Slider(1, context, value=min(512, context), step=1, label="Maximum new tokens"),
+        gr.Slider(1, context, value=min(512, context), step=1, label="Maximum new tokens", info=_MAX_NEW_INFO),
         gr.Slider(0.0, 1.0, value=service.defaults.top_p, step=0.01, label="Top P"),
-        gr.Slider(0.0, 2.0, value=service.defaults.temperature, step=0.01, label="Temperature (0 = greedy)"),
+        gr.Slider(0.0, 2.0, value=start_temperature(service.defaults), step=0.01, label="Temperature (0 = greedy)"),
     ]
     theme = gr.themes.Default(font=_SYSTEM_FONTS, font_mono=_MONO_FONTS)
     chat_options: dict[str, Any] = {

@@ -5,7 +5,9 @@
 On the real SmolLM2-135M weights (dequantized from its GGUF to float32) over the text of this repository's
 README and CHANGELOG, and on random ChatGLM2-shaped weights (a small preset, real vocabulary) over the same
 text: top-1 agreement and mean KL(reference || quantized) per position, from ``glmrun.quant.logit_agreement``.
-Group size --group (default 64: SmolLM2's 576-wide layers are not a multiple of 128).
+Group size --group (default 32: the GGUF file's block, what ``--quantize`` picks for it; SmolLM2's 576-wide
+layers are not a multiple of 128). INT8 is reported in glmrun's format (a zero per group) and, for
+comparison, in the symmetric format of folders saved before zeros existed.
 """
 
 from __future__ import annotations
@@ -37,10 +39,15 @@ def all_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 def compare(make_model, ids: list[int], group: int) -> dict:  # noqa: ANN001
     ref = all_logits(make_model(), ids)
     out = {}
-    for bits in (8, 4):
+    # int8: the format glmrun writes (a zero per group); int8_symmetric: the earlier format, for comparison.
+    for name, spec in (
+        ("int8", QuantSpec(8, group)),
+        ("int8_symmetric", QuantSpec(8, group, int8_zero=False)),
+        ("int4", QuantSpec(4, group)),
+    ):
         model = make_model()
-        quantize_model_(model, QuantSpec(bits, group), skip=lambda n: not n.startswith("transformer.encoder"))
-        out[f"int{bits}"] = {k: round(v, 5) for k, v in logit_agreement(ref, all_logits(model, ids)).items()}
+        quantize_model_(model, spec, skip=lambda n: not n.startswith("transformer.encoder"))
+        out[name] = {k: round(v, 5) for k, v in logit_agreement(ref, all_logits(model, ids)).items()}
     return out
 
 
@@ -48,7 +55,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--positions", type=int, default=3000)
-    ap.add_argument("--group", type=int, default=64, help="weights per scale (SmolLM2's widths: 576, 1536)")
+    ap.add_argument("--group", type=int, default=32, help="weights per scale (SmolLM2's widths: 576, 1536)")
     args = ap.parse_args()
     text = (ROOT / "README.md").read_text() + "\n" + (ROOT / "CHANGELOG.md").read_text()
     torch.manual_seed(0)

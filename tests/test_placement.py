@@ -74,7 +74,7 @@ def test_float32_doubles_weights():
 
 def _linears_int8(group: int) -> int:
     shapes = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696)]
-    return sum(o * i + o * (i // group) * 2 for o, i in shapes)  # int8 codes + float16 scales
+    return sum(o * i + 2 * o * (i // group) * 2 for o, i in shapes)  # int8 codes + float16 scales and zeros
 
 
 def _linears_int4(group: int) -> int:
@@ -89,10 +89,10 @@ def test_quantized_layer_sizes():
     int4 = model_units(CHATGLM2_6B, quant=QuantSpec(4))[1].weight_bytes
     assert int8 == _linears_int8(128) + rest
     assert int4 == _linears_int4(128) + rest
-    assert 0.50 < int8 / fp16 < 0.52  # about half, plus one scale per 128 weights
+    assert 0.50 < int8 / fp16 < 0.52  # about half, plus a scale and a zero per 128 weights
     assert 0.25 < int4 / fp16 < 0.28  # about a quarter, plus a scale and a zero per 128 weights
     # The embedding stays in fp16; the output layer is INT8 (head_bits=8, the loader's default) or fp16.
-    head8 = 65024 * 4096 + 65024 * 32 * 2 + 4096 * 2  # codes, one fp16 scale per 128, the final norm
+    head8 = 65024 * 4096 + 2 * 65024 * 32 * 2 + 4096 * 2  # codes, fp16 scale and zero per 128, the final norm
     for spec in (QuantSpec(8), QuantSpec(4)):
         units = model_units(CHATGLM2_6B, quant=spec)
         assert units[0].weight_bytes == 65024 * 4096 * 2 and units[-1].weight_bytes == head8

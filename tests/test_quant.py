@@ -25,6 +25,16 @@ from glmrun.quant_kernels import KernelConfig, dequant_matmul, triton_available,
 
 INT8 = QuantSpec(bits=8, group_size=128)
 INT4 = QuantSpec(bits=4, group_size=128)
+INT8_SYM = QuantSpec(bits=8, group_size=128, int8_zero=False)  # folders saved before INT8 zeros
+
+
+def quantize_int8_sym(w: torch.Tensor, group_size: int) -> QuantizedWeight:
+    return quantize_int8(w, group_size, zero=False)
+
+
+QUANTIZERS = pytest.mark.parametrize(
+    "quantize", [quantize_int8, quantize_int8_sym, quantize_int4], ids=["int8", "int8-sym", "int4"]
+)
 
 
 def _per_element_scale(q: QuantizedWeight) -> torch.Tensor:
@@ -38,7 +48,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 # -- numeric functions -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4], ids=["int8", "int4"])
+@QUANTIZERS
 def test_round_trip_error_is_at_most_half_a_step(quantize):
     gen = torch.Generator().manual_seed(0)
     w = torch.rand(64, 512, generator=gen) * 4 - 1.5  # uniform on [-1.5, 2.5): asymmetric on purpose
@@ -52,6 +62,18 @@ def test_round_trip_error_is_at_most_half_a_step(quantize):
 def test_int8_codes_and_shapes():
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(1))
     q = quantize_int8(w, 128)
+    assert q.q.dtype == torch.int8 and q.q.shape == (32, 256)
+    assert q.zero is not None and q.zero.dtype == torch.float16 and q.zero.shape == (32, 2)
+    # each group's min and max land on the first and last of the 256 codes
+    groups = q.q.view(32, 2, 128)
+    assert (groups.amin(-1) == -128).all() and (groups.amax(-1) >= 126).all()
+    mins = w.view(32, 2, 128).amin(-1)  # the zero is the group's minimum, rounded down to float16
+    assert (q.zero.float() <= mins).all() and (mins - q.zero.float() <= mins.abs() * 2**-10).all()
+
+
+def test_symmetric_int8_codes_and_shapes():
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(1))
+    q = quantize_int8(w, 128, zero=False)
     assert (q.bits, q.group_size, q.shape) == (8, 128, (32, 256))
     assert q.q.dtype == torch.int8 and q.q.shape == (32, 256)
     assert q.scale.dtype == torch.float16 and q.scale.shape == (32, 2)
@@ -93,12 +115,33 @@ def test_int4_layout_two_rows_two_groups():
 
 def test_int8_hand_made_matrix():
     w = torch.tensor([[127.0, -63.5, 0.0, 1.0]])
-    q = quantize_int8(w, 4)
+    q = quantize_int8(w, 4, zero=False)
     assert q.scale.tolist() == [[1.0]]
     assert q.q.tolist() == [[127, -64, 0, 1]]  # -63.5 rounds half to even
+    # Asymmetric: min -63.5 is code 0 (stored -128); scale (127 + 63.5) / 255 = 0.747059, rounded up to
+    # float16's 0.7470703125; 0 -> 63.5 / scale = 84.999 -> code 85 (stored -43); 1 -> 86.34 -> 86.
+    q = quantize_int8(w, 4)
+    assert q.zero is not None and q.zero.tolist() == [[-63.5]] and q.scale.tolist() == [[0.7470703125]]
+    assert q.q.tolist() == [[127, -128, -43, -42]]
+    assert torch.allclose(dequantize(q), w, atol=0.7470703125 / 2)
 
 
-@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4], ids=["int8", "int4"])
+def test_int8_keeps_q4_1_blocks_exactly():
+    """Weights on a GGUF Q4_1 grid (m + j*d, j = 0..15, blocks of 32) land on the INT8 grid of group 32:
+    15 of their steps are 255 of ours. A symmetric grid moves them by up to half its own step."""
+    gen = torch.Generator().manual_seed(3)
+    d = (torch.rand(16, 4, 1, generator=gen) * 0.01 + 1e-3).half().float()
+    m = (torch.rand(16, 4, 1, generator=gen) * -0.1).half().float()
+    j = torch.randint(0, 16, (16, 4, 32), generator=gen).float()
+    j[..., 0], j[..., 1] = 0, 15  # every block spans its whole grid, as the Q4_1 quantizer leaves it
+    w = (m + j * d).view(16, 128)
+    exact = (dequantize(quantize_int8(w, 32)) - w).abs().max() / d.max()
+    moved = (dequantize(quantize_int8(w, 32, zero=False)) - w).abs().max() / d.max()
+    # What is left is float16's rounding of the scale d/17: at most 2**-10 of it over 255 steps = 15 d / 1024.
+    assert exact <= 15 / 1024 and moved > 4 * exact
+
+
+@QUANTIZERS
 def test_zero_and_constant_groups_give_no_nan(quantize):
     w = torch.zeros(4, 64)
     w[1] = 0.3  # a constant group that float16 cannot hold exactly
@@ -109,13 +152,13 @@ def test_zero_and_constant_groups_give_no_nan(quantize):
     assert torch.isfinite(q.scale.float()).all() and torch.isfinite(deq).all()
     assert deq[0].abs().max() == 0 and q.scale[0].abs().max() == 0  # all-zero groups: scale 0, codes 0
     assert (deq - w).abs().max() <= (_per_element_scale(q) / 2 + 1e-7).max()
-    if quantize is quantize_int4:
+    if quantize is not quantize_int8_sym:
         assert torch.equal(deq[2], w[2])  # the zero holds a float16 constant exactly, with scale 0
         assert (deq[1] - w[1]).abs().max() <= 0.3 * 2**-10  # else a tiny scale covers float16's rounding
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4], ids=["int8", "int4"])
+@QUANTIZERS
 def test_half_precision_inputs(dtype, quantize):
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
     q = quantize(w, 128)
@@ -166,12 +209,12 @@ def test_dequant_matmul_chunks_agree_with_one_matmul(monkeypatch):
     assert torch.allclose(chunked, whole, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [INT8, INT4], ids=["int8", "int4"])
+@pytest.mark.parametrize("spec", [INT8, INT8_SYM, INT4], ids=["int8", "int8-sym", "int4"])
 def test_state_dict_round_trip_through_safetensors(tmp_path, spec):
     torch.manual_seed(5)
     qlinear = QuantLinear.from_linear(nn.Linear(256, 64, bias=True), spec)
     state = qlinear.state_dict()
-    expected = {"weight_q", "weight_scale", "bias"} | ({"weight_zero"} if spec.bits == 4 else set())
+    expected = {"weight_q", "weight_scale", "bias"} | ({"weight_zero"} if spec is not INT8_SYM else set())
     assert set(state) == expected
     for name, (shape, dtype) in quantized_state_shapes(256, 64, spec, bias=True, bias_dtype=torch.float32).items():
         assert state[name].shape == shape and state[name].dtype == dtype
@@ -186,13 +229,15 @@ def test_state_dict_round_trip_through_safetensors(tmp_path, spec):
 
 
 def test_quantized_bytes_matches_the_buffers():
-    for spec in (INT8, INT4, QuantSpec(bits=4, group_size=32)):
+    for spec in (INT8, INT8_SYM, INT4, QuantSpec(bits=4, group_size=32)):
         for in_f, out_f in ((256, 64), (384, 96)):
             layer = QuantLinear(in_f, out_f, spec, bias=True)
             held = sum(t.numel() * t.element_size() for n, t in layer.state_dict().items() if n != "bias")
             assert quantized_bytes(in_f, out_f, spec) == held
     # ChatGLM2-6B's MLP up-projection at INT4, group 128: 0.5 byte a weight + 4 bytes per 128 weights
     assert quantized_bytes(4096, 27392, INT4) == 27392 * 4096 // 2 + 27392 * 32 * 4
+    assert quantized_bytes(4096, 27392, INT8) == 27392 * 4096 + 27392 * 32 * 4
+    assert quantized_bytes(4096, 27392, INT8_SYM) == 27392 * 4096 + 27392 * 32 * 2
 
 
 # -- swapping a model --------------------------------------------------------------------------

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import glmrun
 import glmrun.compat
 from glmrun.checkpoint import PRESETS, write_random_checkpoint
 from glmrun.cli import main
+from glmrun.loader import load_model, resolve_checkpoint
+from glmrun.quantize_cli import save_quantized
 
 TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared/tokenizers/chatglm2/tokenizer.model"
 
@@ -49,7 +52,8 @@ def test_saved_quantized_folder_loads_and_matches_on_load_quantization(folder, t
     )
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # the source is untouched
     config = json.loads((out / "config.json").read_text())
-    assert config["glmrun_quantization"] == {"bits": int(bits[3:]), "group_size": 32, "head_bits": 8}
+    expected = {"bits": int(bits[3:]), "group_size": 32, "head_bits": 8, "int8_zero": True}
+    assert config["glmrun_quantization"] == expected
     assert (out / "tokenizer.model").is_file()
     ids = torch.tensor([[64790, 64792, 36474, 54591, 13, 30910]])
     with (
@@ -68,40 +72,29 @@ def test_saved_quantized_folder_loads_and_matches_on_load_quantization(folder, t
         assert head.weight_q.dtype == torch.int8  # the output layer is saved at 8 bits whatever the layers' bits
 
 
-def test_folder_saved_before_head_bits_keeps_a_float_output_layer(folder, tmp_path):
-    """A config without ``head_bits`` (written before the output layer was quantized) still loads."""
+def test_folder_in_the_first_saved_format_still_loads(folder, tmp_path):
+    """A config without ``head_bits`` and ``int8_zero``: symmetric INT8 layers and a float output layer."""
+    first_format = glmrun.QuantSpec(8, 32, head_bits=None, int8_zero=False)
+    model, _ = load_model(resolve_checkpoint(folder), dtype="float32", device="cpu", quantize=first_format)
+    config = model.config.to_chatglm_dict()
+    del config["glmrun_quantization"]["head_bits"], config["glmrun_quantization"]["int8_zero"]
     out = tmp_path / "old"
-    args = ["quantize", "--model", str(folder), "--to", "int8", "--out", str(out), "--dtype", "float32"]
-    assert main([*args, "--group-size", "32"]) == 0
-    with glmrun.load(folder, device="cpu", dtype="float32", progress=False) as ref:
-        float_head = ref.engine.model.transformer.output_layer.weight.detach().clone()
-    # Rewrite the folder as the old format was: the float output matrix and no head_bits.
-    from safetensors.torch import load_file, save_file
-
-    index = (
-        json.loads((out / "model.safetensors.index.json").read_text())
-        if (out / "model.safetensors.index.json").exists()
-        else None
-    )
-    files = sorted(out.glob("*.safetensors"))
-    for f in files:
-        tensors = load_file(f)
-        if "transformer.output_layer.weight_q" in tensors:
-            for key in ("weight_q", "weight_scale"):
-                del tensors[f"transformer.output_layer.{key}"]
-            tensors["transformer.output_layer.weight"] = float_head
-            save_file(tensors, f)
-            if index is not None:
-                for key in ("weight_q", "weight_scale"):
-                    del index["weight_map"][f"transformer.output_layer.{key}"]
-                index["weight_map"]["transformer.output_layer.weight"] = f.name
-                (out / "model.safetensors.index.json").write_text(json.dumps(index))
-    config = json.loads((out / "config.json").read_text())
-    del config["glmrun_quantization"]["head_bits"]
-    (out / "config.json").write_text(json.dumps(config))
-    with glmrun.load(out, device="cpu", dtype="float32", progress=False) as old:
-        assert old.config.quantization == glmrun.QuantSpec(8, 32, head_bits=None)
-        assert torch.equal(old.engine.model.transformer.output_layer.weight, float_head)
+    out.mkdir()
+    save_quantized(model, config, folder, out)
+    saved = {}
+    for f in out.glob("*.safetensors"):
+        saved.update(load_file(f))
+    assert not any(name.endswith("weight_zero") for name in saved)  # symmetric: scales only
+    assert saved["transformer.output_layer.weight"].dtype == torch.float32
+    ids = torch.tensor([[64790, 64792, 36474, 54591, 13, 30910]])
+    with (
+        glmrun.load(out, device="cpu", dtype="float32", progress=False) as old,
+        glmrun.load(folder, device="cpu", dtype="float32", quantize=first_format, progress=False) as onload,
+    ):
+        assert old.config.quantization == first_format
+        head = old.engine.model.transformer.output_layer
+        assert torch.equal(head.weight, model.transformer.output_layer.weight)
+        assert torch.equal(glmrun.compat.CompatModel(old)(ids).logits, glmrun.compat.CompatModel(onload)(ids).logits)
         assert old.chat("你好", max_new_tokens=2, do_sample=False).result.completion_tokens >= 1
 
 

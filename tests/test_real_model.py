@@ -179,3 +179,29 @@ def test_session_reuses_cache_for_identical_prompt(glm):
     assert b.prefilled_tokens == 1  # the last prompt token is recomputed for its logits
     assert a.token_ids == b.token_ids
     session.close()
+
+
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_quantizing_the_gguf_follows_its_blocks(glm, bits):
+    """``quantize="int4"``/``"int8"`` on a GGUF file take its 32-wide blocks (glmrun.quant.GGUF_BLOCK):
+    INT4 then holds the file's Q4_1 layers exactly, INT8 within float16's rounding of its scale."""
+    from glmrun.quant import dequantize
+
+    with glmrun.load(GGUF, device="cpu", dtype="float32", quantize=bits, progress=False) as quantized:
+        spec = quantized.config.quantization
+        assert spec is not None and (spec.bits, spec.group_size) == (int(bits[3:]), 32)
+        model, ref = quantized.engine.model, glm.engine.model
+        for name in ("self_attention.query_key_value", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"):
+            got = dequantize(model.layers[7].get_submodule(name).quantized_weight())
+            want = ref.layers[7].get_submodule(name).weight
+            step = (want.view(want.shape[0], -1, 32).amax(-1) - want.view(want.shape[0], -1, 32).amin(-1)) / 15
+            err = ((got - want).view(want.shape[0], -1, 32).abs().amax(-1) / step.clamp_min(1e-12)).max().item()
+            assert err < (1e-5 if bits == "int4" else 15 / 1024), (name, err)  # in units of the file's own step
+        ids = glm.tokenizer.encode(planted_document()[:1200])
+        logits = []
+        for m in (ref, model):
+            cache = KVCache(m.config, rows=1, max_len=len(ids), dtype=torch.float32, devices=m.layer_devices())
+            with torch.inference_mode():
+                logits.append(m(torch.tensor([ids]), torch.arange(len(ids))[None], cache, logits="all")[0])
+        assert (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item() >= 0.99
+        assert "Paris" in quantized.chat("What is the capital of France?", max_new_tokens=24).text

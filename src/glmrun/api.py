@@ -13,7 +13,7 @@ from .chat import Conversation, Document
 from .config import ModelConfig, QuantSpec
 from .engine import Engine, GenerationResult, Session, StreamChunk
 from .errors import GlmrunError, InvalidArgumentError
-from .loader import Checkpoint, load_model, parse_device, resolve_checkpoint
+from .loader import Checkpoint, default_group_size, load_model, parse_device, resolve_checkpoint
 from .memory import cuda_devices_of, release, reset_peaks
 from .model import ChatGLMForCausalLM
 from .placement import Plan
@@ -236,7 +236,8 @@ def load(
     :mod:`glmrun.placement`); ``context`` caps the context window (and sizes that plan).
     """
     ckpt = resolve_checkpoint(path)
-    quant = parse_quantize(quantize)
+    # "int8"/"int4" take the model's own group size; a QuantSpec is used as given.
+    quant = parse_quantize(quantize, group_size=default_group_size(ckpt) if isinstance(quantize, str) else 128)
     layer_devices = None
     plan = None
     if devices is not None or max_memory is not None:

@@ -209,14 +209,15 @@ def _environment(device: torch.device) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from .api import parse_quantize
     from .cpu_linear import half_weights_for, half_weights_model_
-    from .loader import load_model, parse_device, parse_dtype, resolve_checkpoint
+    from .loader import default_group_size, load_model, parse_device, parse_dtype, resolve_checkpoint
+    from .quant import fitting_group_size
 
     device = parse_device(args.device)
-    quant = parse_quantize(args.quantize)
     if args.preset:
         from .checkpoint import PRESETS
 
         config = PRESETS[args.preset]
+        quant = parse_quantize(args.quantize, group_size=fitting_group_size(config))
         dtype = parse_dtype(args.dtype, device, config)
         cpu_half = half_weights_for(device, dtype)
         model = random_model(config, device, torch.float32 if cpu_half else dtype)
@@ -231,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         source = f"preset {args.preset} (random weights)"
     else:
         ckpt = resolve_checkpoint(args.model)
+        quant = parse_quantize(args.quantize, group_size=default_group_size(ckpt))
         model, _ = load_model(ckpt, dtype=args.dtype, device=device, quantize=quant, progress=False)
         config, dtype, source = model.config, model.compute_dtype, str(ckpt.path)
     stats = time_glmrun(

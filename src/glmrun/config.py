@@ -29,6 +29,9 @@ class QuantSpec:
     # The output layer of a model with its own (untied) output matrix: INT8 with the same group size
     # (8), or kept in the compute dtype (None, as checkpoints saved before this field was added).
     head_bits: int | None = 8
+    # INT8 codes on a group's own [min, max] with a float16 zero per group, as INT4 always is (True), or
+    # symmetric around 0 with no zeros (False, as checkpoints saved before this field was added).
+    int8_zero: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -44,7 +47,14 @@ class QuantSpec:
 
     def head_spec(self) -> QuantSpec | None:
         """How the output layer is quantized (None: kept in the compute dtype)."""
-        return None if self.head_bits is None else QuantSpec(self.head_bits, self.group_size, head_bits=None)
+        if self.head_bits is None:
+            return None
+        return QuantSpec(self.head_bits, self.group_size, head_bits=None, int8_zero=self.int8_zero)
+
+    @property
+    def has_zero(self) -> bool:
+        """Whether the weights carry a zero per group (INT4 always; INT8 unless saved symmetric)."""
+        return self.bits == 4 or self.int8_zero
 
 
 @dataclass(frozen=True)
@@ -184,7 +194,7 @@ class ModelConfig:
                 family="chatglm",
                 eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
                 pad_token_id=int(raw.get("pad_token_id", 0) or 0),
-                quantization=QuantSpec(**{"head_bits": None, **quant}) if quant else None,
+                quantization=QuantSpec(**{"head_bits": None, "int8_zero": False, **quant}) if quant else None,
                 extra={k: raw[k] for k in ("architectures", "auto_map") if k in raw},
             )
         except (TypeError, ValueError) as exc:
@@ -237,7 +247,12 @@ class ModelConfig:
             out["rope_ratio"] = self.rope_ratio
         if self.quantization is not None:
             q = self.quantization
-            out["glmrun_quantization"] = {"bits": q.bits, "group_size": q.group_size, "head_bits": q.head_bits}
+            out["glmrun_quantization"] = {
+                "bits": q.bits,
+                "group_size": q.group_size,
+                "head_bits": q.head_bits,
+                "int8_zero": q.int8_zero,
+            }
         return out
 
 

@@ -274,7 +274,11 @@ def _diagnose(args: argparse.Namespace, report: dict[str, Any]) -> tuple[int, st
     config, source = _load_config(args)
     on_gpu = bool(gpus)
     dtype = args.dtype or (config.torch_dtype if on_gpu else "float32")
-    quant = QuantSpec(int(args.quantize[3:])) if args.quantize else None
+    from .quant import GGUF_BLOCK, fitting_group_size
+
+    gguf = bool(args.model) and Path(args.model).suffix.lower() == ".gguf"
+    group = fitting_group_size(config, GGUF_BLOCK if gguf else 128)
+    quant = QuantSpec(int(args.quantize[3:]), group) if args.quantize else None
     context = args.context if args.context is not None else config.seq_length
     if context > config.seq_length:
         report["warnings"].append(

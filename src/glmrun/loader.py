@@ -54,6 +54,19 @@ class Checkpoint:
         return self.path.stem if self.kind == "gguf" else self.path.name
 
 
+def default_group_size(ckpt: Checkpoint) -> int:
+    """The group size ``--quantize int8|int4`` uses for ``ckpt`` (see :func:`glmrun.quant.fitting_group_size`).
+
+    A GGUF file's block width, without parsing the file (its quantized tensors' rows are whole blocks);
+    for a folder, 128 or the largest power of two below it that its layer widths allow.
+    """
+    from .quant import GGUF_BLOCK, fitting_group_size
+
+    if ckpt.kind == "gguf":
+        return GGUF_BLOCK
+    return fitting_group_size(load_chatglm_config(ckpt.path))
+
+
 def resolve_checkpoint(path: str | os.PathLike[str] | None) -> Checkpoint:
     """An explicit path, else $GLMRUN_MODEL, else the embedded SmolLM2 GGUF."""
     embedded = False
@@ -206,7 +219,7 @@ def load_model(
         layer_devices = [dev] * config.num_layers
     first, last = layer_devices[0], layer_devices[-1]
 
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = ChatGLMForCausalLM(config, dtype=torch_dtype)
     if saved_quant is not None:
         from .quant import quantize_head_, quantize_model_
@@ -275,6 +288,30 @@ def load_model(
         pack_model_(model)  # blocked copies of the float32 matrices for multi-row products
     model.eval()
     return model, tokenizer
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip torch's random initialisers while the model is built on ``meta``.
+
+    Meta tensors hold no values, so initialising them changes nothing; but torch runs an initialiser on a
+    meta tensor through its Python reference ops, whose first use imports ``torch._dynamo`` -- about 2 s
+    of every start on a 2-core machine. ``nn.Linear``/``nn.Embedding`` look these functions up on
+    ``torch.nn.init`` when they run, so replacing them for the duration of the build is enough.
+    """
+    names = ("kaiming_uniform_", "uniform_", "normal_")
+    saved = {name: getattr(nn.init, name) for name in names}
+
+    def keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in names:
+            setattr(nn.init, name, keep)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def _quant_skip(name: str) -> bool:

@@ -18,7 +18,6 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .cache import KVCache
@@ -97,6 +96,9 @@ class SelfAttention(nn.Module):
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         if step.mode == "chunk":
             # A later chunk of one prompt: its T queries are the last T of L keys (lower-right causal).
+            # Imported here: the module imports torch._dynamo, ~2 s that a short prompt never needs.
+            from torch.nn.attention.bias import causal_lower_right
+
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, values, attn_mask=causal_lower_right(T, step.length), enable_gqa=K != H
             )

@@ -2,8 +2,10 @@
 
 The canonical (saved, portable) format of one ``[out, in]`` weight with group size ``g`` is:
 
-* INT8, symmetric: ``weight_q`` int8 ``[out, in]`` with codes in ``[-127, 127]`` and ``weight_scale``
-  float16 ``[out, in // g]``; ``w ~= q * scale``.
+* INT8: ``weight_q`` int8 ``[out, in]``, ``weight_scale`` and ``weight_zero`` float16 ``[out, in // g]``;
+  ``w ~= (q + 128) * scale + zero``: the codes span the group's own ``[min, max]`` on 256 levels.
+  Folders saved before zeros existed (``int8_zero: false`` in their config) are symmetric: no
+  ``weight_zero``, codes in ``[-127, 127]``, ``w ~= q * scale``.
 * INT4, asymmetric: ``weight_q`` uint8 ``[out, in // 2]`` holding two 4-bit codes ``0..15`` per byte,
   ``weight_scale`` and ``weight_zero`` float16 ``[out, in // g]``; ``w ~= q * scale + zero``.
   Nibble order: input column ``2j`` sits in the LOW nibble of byte ``j`` and column ``2j + 1`` in the
@@ -11,10 +13,13 @@ The canonical (saved, portable) format of one ``[out, in]`` weight with group si
 
 Why these choices:
 
-* INT4 is asymmetric (``zero`` is the group's minimum) because with only 16 levels a symmetric grid
-  wastes up to half of them on the side of zero a group does not reach; the extra float16 per group
-  costs 2 bytes per 128 weights (3% of the INT4 bytes) and the fused kernel folds it into one
-  multiply-add per group (``sum(x * (q*s + z)) = s * sum(x*q) + z * sum(x)``).
+* INT4 and INT8 are asymmetric (``zero`` is the group's minimum) because a symmetric grid wastes up
+  to half its levels on the side of zero a group does not reach; the extra float16 per group costs 2
+  bytes per 128 weights (3% of the INT4 bytes, 1.6% of INT8's) and the fused kernel folds it into
+  one multiply-add per group (``sum(x * (q*s + z)) = s * sum(x*q) + z * sum(x)``). INT8 needs it
+  too: weights that already sit on a coarser grid -- a GGUF file's Q4_1/Q8_0 blocks of 32 -- land
+  exactly on an asymmetric 32-wide grid (15 steps of Q4_1 are 255 of ours), while a symmetric one
+  moves them (SmolLM2: 98.2% top-1 agreement symmetric at group 32, 99.8% asymmetric).
 * Scales and zeros are float16, not float32: half the side-data bytes, which a memory-bound decode
   step reads on every token. They are rounded outward (scale up, zero down) when converted, so every
   weight still lies on the stored grid's range and the round-trip error is at most ``scale / 2`` of
@@ -35,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import QuantSpec
+from .config import ModelConfig, QuantSpec
 from .errors import InvalidArgumentError
 from .quant_kernels import dequantize_rows, quant_matmul
 
@@ -52,6 +57,8 @@ __all__ = [
     "quantized_state_shapes",
     "quantized_bytes",
     "logit_agreement",
+    "fitting_group_size",
+    "GGUF_BLOCK",
 ]
 
 _SCALE_DTYPE = torch.float16
@@ -67,7 +74,7 @@ class QuantizedWeight:
     shape: tuple[int, int]  # (out_features, in_features) of the float weight
     q: Tensor  # int8 [out, in] (8 bits) or uint8 [out, in // 2] (4 bits, low nibble = even column)
     scale: Tensor  # float16 [out, in // group_size]
-    zero: Tensor | None = None  # float16 [out, in // group_size], INT4 only: the value code 0 stands for
+    zero: Tensor | None = None  # float16 [out, in // group_size]: the value of the lowest code (None: symmetric)
 
 
 # -- numeric functions -----------------------------------------------------------------------
@@ -97,6 +104,23 @@ def _check_group(in_features: int, group_size: int, bits: int) -> None:
         )
 
 
+GGUF_BLOCK = 32  # ggml's quantized types: blocks of 32 (Q4_0, Q4_1, Q8_0...) or K-quant sub-blocks of 32/16
+
+
+def fitting_group_size(config: ModelConfig, largest: int = 128) -> int:
+    """The largest power of two up to ``largest`` that divides every linear layer's input width.
+
+    ``--quantize int8|int4`` takes 128 for a ChatGLM folder (4096 and 13696 = 128 * 107) and, for a
+    GGUF file, its block width (:data:`GGUF_BLOCK`): weights a file stores as Q4_1 or Q8_0 then keep
+    their own grid (see the module docstring).
+    """
+    widths = {config.hidden_size, config.num_attention_heads * config.head_dim, config.ffn_hidden_size}
+    group = largest
+    while group > 2 and any(w % group for w in widths):
+        group //= 2
+    return group
+
+
 def _to_half_outward(x: Tensor, *, up: bool) -> Tensor:
     """float32 -> float16, rounded toward +inf (``up``) or -inf so the stored value bounds ``x``."""
     h = x.to(_SCALE_DTYPE)
@@ -114,21 +138,35 @@ def _row_chunks(out_features: int, in_features: int) -> range:
     return range(0, out_features, max(1, _CHUNK_ELEMENTS // in_features))
 
 
-def quantize_int8(w: Tensor, group_size: int) -> QuantizedWeight:
-    """Symmetric per-group INT8: ``scale = absmax / 127`` (rounded up to float16), codes in ``[-127, 127]``."""
+def quantize_int8(w: Tensor, group_size: int, *, zero: bool = True) -> QuantizedWeight:
+    """Per-group INT8: asymmetric as INT4 (``zero = min`` rounded down, ``scale = (max - zero) / 255``
+    rounded up, stored codes ``q = code - 128``), or with ``zero=False`` symmetric (``scale = absmax /
+    127``, codes in ``[-127, 127]``, the format of folders saved before zeros existed)."""
     out_features, in_features = _check_weight(w, group_size, 8)
     n_groups = in_features // group_size
     q = torch.empty(out_features, in_features, dtype=torch.int8, device=w.device)
     scale = torch.empty(out_features, n_groups, dtype=_SCALE_DTYPE, device=w.device)
+    zeros = torch.empty(out_features, n_groups, dtype=_SCALE_DTYPE, device=w.device) if zero else None
     step = _row_chunks(out_features, in_features).step
     for r0 in range(0, out_features, step):
         g = w[r0 : r0 + step].detach().float().view(-1, n_groups, group_size)  # [r, G, g]
-        s = _to_half_outward(g.abs().amax(-1) / 127.0, up=True)  # [r, G]
-        sf = s.float()
-        inv = torch.where(sf > 0, 1.0 / sf, torch.zeros_like(sf))
-        q[r0 : r0 + step] = torch.round(g * inv[..., None]).clamp_(-127, 127).view(-1, in_features).to(torch.int8)
+        if zeros is None:
+            s = _to_half_outward(g.abs().amax(-1) / 127.0, up=True)  # [r, G]
+            codes = torch.round(g * _inverse(s)[..., None]).clamp_(-127, 127)
+        else:
+            z = _to_half_outward(g.amin(-1), up=False)  # [r, G]
+            s = _to_half_outward((g.amax(-1) - z.float()) / 255.0, up=True)
+            codes = torch.round((g - z.float()[..., None]) * _inverse(s)[..., None]).clamp_(0, 255).sub_(128)
+            zeros[r0 : r0 + step] = z
+        q[r0 : r0 + step] = codes.view(-1, in_features).to(torch.int8)
         scale[r0 : r0 + step] = s
-    return QuantizedWeight(8, group_size, (out_features, in_features), q, scale)
+    return QuantizedWeight(8, group_size, (out_features, in_features), q, scale, zeros)
+
+
+def _inverse(s: Tensor) -> Tensor:
+    """1 / scale in float32, 0 where the scale is 0 (a group of equal values: every code 0)."""
+    sf = s.float()
+    return torch.where(sf > 0, 1.0 / sf, torch.zeros_like(sf))
 
 
 def quantize_int4(w: Tensor, group_size: int) -> QuantizedWeight:
@@ -144,9 +182,7 @@ def quantize_int4(w: Tensor, group_size: int) -> QuantizedWeight:
         z = _to_half_outward(g.amin(-1), up=False)  # [r, G]
         zf = z.float()
         s = _to_half_outward((g.amax(-1) - zf) / 15.0, up=True)
-        sf = s.float()
-        inv = torch.where(sf > 0, 1.0 / sf, torch.zeros_like(sf))
-        codes = torch.round((g - zf[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
+        codes = torch.round((g - zf[..., None]) * _inverse(s)[..., None]).clamp_(0, 15).to(torch.uint8)
         codes = codes.view(-1, in_features // 2, 2)  # [r, in/2, (even, odd)]
         packed[r0 : r0 + step] = codes[..., 0] | (codes[..., 1] << 4)
         scale[r0 : r0 + step] = s
@@ -157,7 +193,7 @@ def quantize_int4(w: Tensor, group_size: int) -> QuantizedWeight:
 def quantize_weight(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Quantize ``w`` as ``spec`` says (8 or 4 bits, its group size)."""
     if spec.bits == 8:
-        return quantize_int8(w, spec.group_size)
+        return quantize_int8(w, spec.group_size, zero=spec.int8_zero)
     return quantize_int4(w, spec.group_size)
 
 
@@ -181,7 +217,7 @@ def quantized_state_shapes(
     else:
         shapes["weight_q"] = ((out_features, in_features // 2), torch.uint8)
     shapes["weight_scale"] = ((out_features, n_groups), _SCALE_DTYPE)
-    if spec.bits == 4:
+    if spec.has_zero:
         shapes["weight_zero"] = ((out_features, n_groups), _SCALE_DTYPE)
     if bias:
         shapes["bias"] = ((out_features,), bias_dtype)

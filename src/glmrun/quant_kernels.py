@@ -5,7 +5,8 @@ Both paths read the canonical format of :mod:`glmrun.quant` as it is (no second 
 ``[N, K/group]``. Triton is optional: without it (CPU installs) this module still imports and every
 call takes the dequantize path.
 
-The Triton kernels compute ``y[m, n] = sum_k x[m, k] * (q[n, k] * s[n, g(k)] + z[n, g(k)])`` one
+The Triton kernels compute ``y[m, n] = sum_k x[m, k] * (c[n, k] * s[n, g(k)] + z[n, g(k)])`` (``c`` the
+code from 0, i.e. ``q + 128`` for INT8; ``z = 0`` and ``c = q`` for symmetric INT8) one
 K-block at a time, with each block inside one group so a group's scale multiplies a whole partial
 dot product (``s * sum(x*q) + z * sum(x)``): the weight bytes are read once and never expanded in
 memory. ``gemv`` (one program per ``BLOCK_N`` outputs of one input row, reduction in registers) serves
@@ -66,13 +67,15 @@ def dequantize_rows(
     qs = q[start:stop]
     rows = qs.shape[0]
     s = scale[start:stop].to(dtype)[..., None]  # [rows, G, 1]
-    if bits == 8:
-        w = qs.to(dtype).view(rows, -1, group_size) * s
-    else:
-        if zero is None:
+    if zero is None:
+        if bits == 4:
             raise ValueError("an INT4 weight needs its zeros")
-        codes = torch.stack((qs & 15, qs >> 4), dim=-1).view(rows, -1, group_size)  # even, odd columns
-        w = torch.addcmul(zero[start:stop].to(dtype)[..., None], codes.to(dtype), s)
+        return (qs.to(dtype).view(rows, -1, group_size) * s).view(rows, -1)  # symmetric INT8 (older folders)
+    if bits == 8:
+        codes = qs.to(dtype).view(rows, -1, group_size) + 128.0  # stored codes are code - 128
+    else:
+        codes = torch.stack((qs & 15, qs >> 4), dim=-1).view(rows, -1, group_size).to(dtype)  # even, odd columns
+    w = torch.addcmul(zero[start:stop].to(dtype)[..., None], codes, s)
     return w.view(rows, -1)
 
 
@@ -161,13 +164,16 @@ def triton_quant_matmul(
     x2d = x2d.contiguous()
     q = q.contiguous()
     scale = scale.contiguous()
-    z = zero.contiguous() if zero is not None else scale  # unused by the INT8 kernel
+    if zero is None and bits == 4:
+        raise ValueError("an INT4 weight needs its zeros")
+    z = zero.contiguous() if zero is not None else scale  # unused without zeros (symmetric INT8)
     if config.split_k > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x2d.device)
     else:
         y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     common: dict[str, Any] = dict(
         BITS=bits,
+        HAS_ZERO=zero is not None,
         GROUP=group_size,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -241,6 +247,7 @@ if triton is not None:
         stride_sn,
         stride_ym,
         BITS: tl.constexpr,
+        HAS_ZERO: tl.constexpr,
         GROUP: tl.constexpr,
         GROUPS_PER_BLOCK: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -302,6 +309,9 @@ if triton is not None:
                 s16 = s * 16.0
                 z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
                 acc += tl.sum(s16 * part + (z - s16) * xs, 1)
+            elif HAS_ZERO:  # sum((q + 128) * x) = 2**8 * (sum(f * x) - sum(x))
+                z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+                acc += tl.sum(s * 256.0 * (part - xs) + z * xs, 1)
             else:
                 acc += tl.sum(s * 256.0 * (part - 1.5 * xs), 1)
         y = y_ptr + row * stride_ym + offs_n
@@ -325,6 +335,7 @@ if triton is not None:
         stride_sn,
         stride_ym,
         BITS: tl.constexpr,
+        HAS_ZERO: tl.constexpr,
         GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -364,7 +375,12 @@ if triton is not None:
                 xt = tl.load(
                     x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0
                 )
-                acc += tl.dot(xt, w.to(xt.dtype)) * s[None, :]
+                part = tl.dot(xt, w.to(xt.dtype)) * s[None, :]
+                if HAS_ZERO:  # (q + 128) * s + z = q * s + (z + 128 * s)
+                    z = tl.load(z_ptr + s_offs, mask=n_mask, other=0.0).to(tl.float32)
+                    xsum = tl.sum(xt.to(tl.float32), 1)
+                    part += xsum[:, None] * (z + 128.0 * s)[None, :]
+                acc += part
         y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K == 1:

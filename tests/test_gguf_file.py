@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from glmrun.config import ModelConfig
 from glmrun.errors import (
@@ -27,12 +27,14 @@ from glmrun.errors import (
 )
 from glmrun.gguf_file import (
     KNOWN_IGNORED,
+    dequantize_blocks,
     gguf_config,
     gguf_tensor_types,
     is_known_ignored,
     iter_gguf_tensors,
     load_gguf_config,
 )
+from glmrun.gguf_index import GGUFIndex
 from glmrun.gguf_meta import EMBEDDED_INSTALL_HINT, embedded_gguf_path, open_gguf, read_gguf_metadata
 from glmrun.model import apply_rotary, rotary_tables
 from glmrun.weights import official_tensor_shapes
@@ -50,21 +52,21 @@ def hf_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> GGUFReader:
+def smollm2() -> GGUFIndex:
     try:
         path = embedded_gguf_path()
     except CheckpointNotFoundError:
         pytest.skip(f"the embedded SmolLM2 GGUF is not installed ({EMBEDDED_INSTALL_HINT})")
-    return open_gguf(path)  # opened once: parsing the 49k-token vocabulary takes seconds
+    return open_gguf(path)  # opened once, shared by the tests
 
 
 @pytest.fixture(scope="module")
-def smollm2_config(smollm2: GGUFReader) -> ModelConfig:
+def smollm2_config(smollm2: GGUFIndex) -> ModelConfig:
     return load_gguf_config(smollm2)
 
 
 @pytest.fixture(scope="module")
-def smollm2_stream(smollm2: GGUFReader, smollm2_config: ModelConfig) -> dict[str, Any]:
+def smollm2_stream(smollm2: GGUFIndex, smollm2_config: ModelConfig) -> dict[str, Any]:
     """One pass over the file: every yielded name in order with its shape, and layer 0's tensors."""
     skipped: list[str] = []
     names: list[str] = []
@@ -79,7 +81,7 @@ def smollm2_stream(smollm2: GGUFReader, smollm2_config: ModelConfig) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def transformers_gguf(smollm2: GGUFReader, smollm2_config: ModelConfig) -> dict[str, Any]:
+def transformers_gguf(smollm2: GGUFIndex, smollm2_config: ModelConfig) -> dict[str, Any]:
     """transformers' own reading of the file: its parsed config and its (dequantized, q/k un-permuted) tensors.
 
     ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` gets its tensors from
@@ -103,11 +105,11 @@ def transformers_gguf(smollm2: GGUFReader, smollm2_config: ModelConfig) -> dict[
     )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(names_only)
-    loaded = load_gguf_checkpoint(str(smollm2.data.filename), return_tensors=True, model_to_load=model)
+    loaded = load_gguf_checkpoint(str(smollm2.path), return_tensors=True, model_to_load=model)
     return {"config": loaded["config"], "tensors": {k: v.float() for k, v in loaded["tensors"].items()}}
 
 
-def test_smollm2_config_matches_the_file(smollm2: GGUFReader, smollm2_config: ModelConfig) -> None:
+def test_smollm2_config_matches_the_file(smollm2: GGUFIndex, smollm2_config: ModelConfig) -> None:
     meta = read_gguf_metadata(smollm2)
     c = smollm2_config
     assert c.family == "llama" and c.torch_dtype == "float32"
@@ -146,7 +148,7 @@ def test_smollm2_config_agrees_with_transformers(smollm2_config: ModelConfig, tr
     )
 
 
-def test_smollm2_tensor_types(smollm2: GGUFReader) -> None:
+def test_smollm2_tensor_types(smollm2: GGUFIndex) -> None:
     types = gguf_tensor_types(smollm2)
     assert len(types) == len(smollm2.tensors) == 272
     assert types["token_embd.weight"] == "Q8_0"
@@ -443,3 +445,26 @@ def test_is_known_ignored() -> None:
     assert KNOWN_IGNORED == {"blk.{i}.attn_rot_embd.weight", "rope_freqs.weight"}
     assert is_known_ignored("blk.17.attn_rot_embd.weight") and is_known_ignored("rope_freqs.weight")
     assert not is_known_ignored("blk.0.attn_q.bias") and not is_known_ignored("output.weight")
+
+
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
+def test_torch_dequantization_is_gguf_s_bit_for_bit(qtype: GGMLQuantizationType) -> None:
+    values = np.random.default_rng(int(qtype)).standard_normal((6, 96)).astype(np.float32) * 0.1 + 0.03
+    blocks = gguf.quants.quantize(values, qtype)  # [6, row bytes]
+    ours = dequantize_blocks(blocks, qtype)
+    theirs = torch.from_numpy(gguf.quants.dequantize(blocks, qtype).astype(np.float32).reshape(-1))
+    assert torch.equal(ours, theirs)
+    assert (ours.view(6, 96) - torch.from_numpy(values)).abs().max() < 0.1  # and it is the weights, roughly
+
+
+def test_torch_dequantization_of_the_embedded_file(smollm2: GGUFIndex) -> None:
+    seen = set()
+    for tensor in smollm2.tensors:
+        if (
+            tensor.tensor_type in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1)
+            and tensor.tensor_type not in seen
+        ):
+            seen.add(tensor.tensor_type)
+            theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(-1)
+            assert torch.equal(dequantize_blocks(tensor.data, tensor.tensor_type), torch.from_numpy(theirs))
+    assert seen == {GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1}

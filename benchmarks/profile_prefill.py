@@ -48,12 +48,16 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--chunks", default="512,2048")
     p.add_argument("--attention", default="default", choices=["default", *BACKENDS])
+    p.add_argument("--preset", default="chatglm2-6b", help="a smaller one (tiny) checks the script on a CPU")
+    p.add_argument("--device", default="cuda")
     args = p.parse_args()
-    dev = torch.device("cuda")
-    model = random_model(PRESETS["chatglm2-6b"], dev, torch.float16)
+    dev = torch.device(args.device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    model = random_model(PRESETS[args.preset], dev, dtype)
     n = args.prompt_len
-    cache = KVCache(model.config, rows=1, max_len=n, dtype=torch.float16, devices=model.layer_devices())
-    prompt = torch.randint(0, 60000, (1, n), device=dev)
+    cache = KVCache(model.config, rows=1, max_len=n, dtype=dtype, devices=model.layer_devices())
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    prompt = torch.randint(0, model.config.padded_vocab_size, (1, n), device=dev)
 
     def prefill(chunk: int) -> torch.Tensor:
         logits = None
@@ -67,16 +71,17 @@ def main() -> int:
     with torch.inference_mode(), attention(args.attention):
         for chunk in [int(c) for c in args.chunks.split(",")]:
             prefill(chunk)
-            torch.cuda.synchronize()
+            sync()
             times = []
             for _ in range(3):
                 t = time.perf_counter()
                 prefill(chunk)
-                torch.cuda.synchronize()
+                sync()
                 times.append(time.perf_counter() - t)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=activities) as prof:
                 prefill(chunk)
-                torch.cuda.synchronize()
+                sync()
             kernels, host = [], []
             for e in prof.key_averages():
                 dev_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
@@ -103,7 +108,8 @@ def main() -> int:
             for h in host[:8]:
                 print(f"  host {h['self_ms']:9.2f} ms x{h['calls']:5d}  {h['name']}")
     res = {
-        "card": torch.cuda.get_device_name(0),
+        "card": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "preset": args.preset,
         "torch": torch.__version__,
         "command": " ".join(["python3", *sys.argv]),
         "prompt_len": n,

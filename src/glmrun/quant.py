@@ -154,13 +154,21 @@ def quantize_int8(w: Tensor, group_size: int, *, zero: bool = True) -> Quantized
             s = _to_half_outward(g.abs().amax(-1) / 127.0, up=True)  # [r, G]
             codes = torch.round(g * _inverse(s)[..., None]).clamp_(-127, 127)
         else:
-            z = _to_half_outward(g.amin(-1), up=False)  # [r, G]
-            s = _to_half_outward((g.amax(-1) - z.float()) / 255.0, up=True)
-            codes = torch.round((g - z.float()[..., None]) * _inverse(s)[..., None]).clamp_(0, 255).sub_(128)
+            codes, s, z = _asymmetric(g, 255)
+            codes.sub_(128)
             zeros[r0 : r0 + step] = z
         q[r0 : r0 + step] = codes.view(-1, in_features).to(torch.int8)
         scale[r0 : r0 + step] = s
     return QuantizedWeight(8, group_size, (out_features, in_features), q, scale, zeros)
+
+
+def _asymmetric(g: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes ``0..top`` (float) over each group's ``[min, max]`` of ``g`` [r, G, g], its scales and zeros
+    (float16 [r, G]): ``zero = min`` rounded down, ``scale = (max - zero) / top`` rounded up."""
+    z = _to_half_outward(g.amin(-1), up=False)
+    zf = z.float()
+    s = _to_half_outward((g.amax(-1) - zf) / top, up=True)
+    return torch.round((g - zf[..., None]) * _inverse(s)[..., None]).clamp_(0, top), s, z
 
 
 def _inverse(s: Tensor) -> Tensor:
@@ -179,11 +187,8 @@ def quantize_int4(w: Tensor, group_size: int) -> QuantizedWeight:
     step = _row_chunks(out_features, in_features).step
     for r0 in range(0, out_features, step):
         g = w[r0 : r0 + step].detach().float().view(-1, n_groups, group_size)  # [r, G, g]
-        z = _to_half_outward(g.amin(-1), up=False)  # [r, G]
-        zf = z.float()
-        s = _to_half_outward((g.amax(-1) - zf) / 15.0, up=True)
-        codes = torch.round((g - zf[..., None]) * _inverse(s)[..., None]).clamp_(0, 15).to(torch.uint8)
-        codes = codes.view(-1, in_features // 2, 2)  # [r, in/2, (even, odd)]
+        codes, s, z = _asymmetric(g, 15)
+        codes = codes.to(torch.uint8).view(-1, in_features // 2, 2)  # [r, in/2, (even, odd)]
         packed[r0 : r0 + step] = codes[..., 0] | (codes[..., 1] << 4)
         scale[r0 : r0 + step] = s
         zero[r0 : r0 + step] = z

@@ -274,10 +274,11 @@ def _diagnose(args: argparse.Namespace, report: dict[str, Any]) -> tuple[int, st
     config, source = _load_config(args)
     on_gpu = bool(gpus)
     dtype = args.dtype or (config.torch_dtype if on_gpu else "float32")
-    from .quant import GGUF_BLOCK, fitting_group_size
+    from .loader import default_group_size, resolve_checkpoint
+    from .quant import fitting_group_size
 
-    gguf = bool(args.model) and Path(args.model).suffix.lower() == ".gguf"
-    group = fitting_group_size(config, GGUF_BLOCK if gguf else 128)
+    # the group size glmrun.load gives "--quantize int8|int4" for this model
+    group = default_group_size(resolve_checkpoint(args.model)) if args.model else fitting_group_size(config)
     quant = QuantSpec(int(args.quantize[3:]), group) if args.quantize else None
     context = args.context if args.context is not None else config.seq_length
     if context > config.seq_length:

@@ -97,8 +97,8 @@ def gguf_config(metadata: Mapping[str, Any], *, source: str, tensor_names: Itera
 
     ``tensor_names`` (the file's tensor names) decides ``tie_word_embeddings``: the embedding doubles
     as the output layer when the file has no ``output.weight``, and no metadata key says so. Without
-    it, ``source`` must be the file's path and the file is opened again to list them (seconds for a
-    large vocabulary): pass the names of an open index, or call :func:`load_gguf_config`.
+    it, ``source`` must be the file's path and the file is opened again to list them (its whole
+    header is read again): pass the names of an open index, or call :func:`load_gguf_config`.
     """
     arch = metadata.get("general.architecture")
     if arch != "llama":

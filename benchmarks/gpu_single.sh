@@ -3,7 +3,7 @@
 # Each stage writes OUTDIR/<stage>.json; the baseline (transformers) is timed in the same process.
 set -uo pipefail
 out="${1:?outdir}"; shift
-stages="${*:-fp16 prefill32k batch32 int8 int4 mem32k_int4}"
+stages="${*:-fp16 prefill32k batch32 int8 int4 mem32k_int4_c1024 mem32k_fp16}"
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}:src PYTHONUNBUFFERED=1
 b="python3 -m glmrun bench --preset chatglm2-6b --device cuda"
 for s in $stages; do
@@ -11,7 +11,8 @@ for s in $stages; do
   case $s in
     fp16)        $b --dtype float16 --prompt-len 2048 --gen-len 128 --prefill-chunk 512 --baseline hf --json "$out/fp16_2k.json" ;;
     fp16nograph) $b --dtype float16 --prompt-len 2048 --gen-len 64 --prefill-chunk 512 --no-graphs --json "$out/fp16_2k_nographs.json" ;;
-    prefill32k)  $b --dtype float16 --prompt-len 32768 --gen-len 8 --prefill-chunk 4096 --baseline hf-prefill --json "$out/fp16_prefill32k.json" ;;
+    prefill32k)  $b --dtype float16 --prompt-len 32768 --gen-len 8 --prefill-chunk 32768 --baseline hf-prefill --json "$out/fp16_prefill32k.json" ;;
+    prefill32k_c4096) $b --dtype float16 --prompt-len 32768 --gen-len 8 --prefill-chunk 4096 --json "$out/fp16_prefill32k_chunk4096.json" ;;
     batch32)     $b --dtype float16 --prompt-len 1024 --gen-len 64 --batch 32 --prefill-chunk 1024 --json "$out/fp16_batch32_1k.json" ;;
     int8)        $b --dtype float16 --quantize int8 --prompt-len 2048 --gen-len 128 --prefill-chunk 512 --json "$out/int8_2k.json" ;;
     int4)        $b --dtype float16 --quantize int4 --prompt-len 2048 --gen-len 128 --prefill-chunk 512 --json "$out/int4_2k.json" ;;

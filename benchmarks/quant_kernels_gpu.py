@@ -89,7 +89,8 @@ def build_candidates(
     def int8(g: int) -> Callable[[Tensor], tuple[State, Tensor]]:
         def prep(w: Tensor) -> tuple[State, Tensor]:
             qw = quantize_int8(w, g)
-            return (qw.q, qw.scale), dequantize(qw)
+            assert qw.zero is not None
+            return (qw.q, qw.scale, qw.zero), dequantize(qw)
 
         return prep
 
@@ -103,13 +104,13 @@ def build_candidates(
 
     def triton_call(bits: int, g: int, cfg: KernelConfig) -> Callable[[State, Tensor], Tensor]:
         def call(s: State, x: Tensor) -> Tensor:
-            return triton_quant_matmul(x, s[0], s[1], s[2] if bits == 4 else None, bits, g, cfg)
+            return triton_quant_matmul(x, s[0], s[1], s[2], bits, g, cfg)
 
         return call
 
     def dequant_call(bits: int, g: int) -> Callable[[State, Tensor], Tensor]:
         def call(s: State, x: Tensor) -> Tensor:
-            return dequant_matmul(x, s[0], s[1], s[2] if bits == 4 else None, bits, g)
+            return dequant_matmul(x, s[0], s[1], s[2], bits, g)
 
         return call
 
@@ -124,6 +125,8 @@ def build_candidates(
                 for c in sweep_configs(batch, in_features, g, bits):
                     out.append(Candidate(f"{name}_triton*", prep, triton_call(bits, g, c), _config_label(c)))
         out.append(Candidate(f"{name}_dequant", prep, dequant_call(bits, g)))
+    if sweep and batch == 1 and triton_available():
+        out.extend(_candidate_kernels(group, dtype, in_features))
     out.append(Candidate("int8_perchannel_int8pack", _int8pack_prepare(in_features, dtype), _int8pack_call))
     tiny = _tinygemm(group, dtype)
     if tiny is not None:
@@ -131,10 +134,39 @@ def build_candidates(
     return out
 
 
+def _candidate_kernels(group: int, dtype: torch.dtype, k: int) -> list[Candidate]:
+    """One-row kernels not (yet) in glmrun: a Triton float16 GEMV and an INT8 GEMV with plain casts."""
+    from gemv_candidates import half_gemv, q8_direct_gemv  # benchmarks/ is on sys.path when run as a script
+
+    out: list[Candidate] = []
+    for bn, bk, sk, nw in itertools.product((2, 4, 8), (512, 1024), (1, 2), (4, 8)):
+
+        def hcall(s: State, x: Tensor, bn: int = bn, bk: int = bk, sk: int = sk, nw: int = nw) -> Tensor:
+            return half_gemv(x, s[0], bn, bk, sk, nw)
+
+        out.append(
+            Candidate("fp16_tgemv*", lambda w: ((w.to(dtype),), w.float()), hcall, f"bn={bn} bk={bk} sk={sk} w={nw}")
+        )
+    for bn, bk, sk, nw in itertools.product((4, 8), (128, 256, 512), (1, 2), (4, 8)):
+        if k % bk or not (group % bk == 0 or bk % group == 0):
+            continue
+
+        def qcall(s: State, x: Tensor, bn: int = bn, bk: int = bk, sk: int = sk, nw: int = nw) -> Tensor:
+            return q8_direct_gemv(x, s[0], s[1], s[2], group, bn, bk, sk, nw)
+
+        def prep(w: Tensor) -> tuple[State, Tensor]:
+            qw = quantize_int8(w, group)
+            assert qw.zero is not None
+            return (qw.q, qw.scale, qw.zero), dequantize(qw)
+
+        out.append(Candidate(f"int8_g{group}_direct*", prep, qcall, f"bn={bn} bk={bk} sk={sk} w={nw}"))
+    return out
+
+
 def sweep_configs(batch: int, k: int, group: int, bits: int) -> list[KernelConfig]:
     configs: list[KernelConfig] = []
     if batch == 1:
-        for bn, bk, sk, nw in itertools.product((4, 8, 16), (1024, 2048), (1, 2, 4), (4, 8)):
+        for bn, bk, sk, nw in itertools.product((4, 8), (1024, 2048), (1, 2), (4, 8)):
             configs.append(KernelConfig("gemv", block_n=bn, block_k=bk, split_k=sk, num_warps=nw))
     else:
         for bm, bn, bk, sk in itertools.product((16, 32), (32, 64, 128), (64, 128), (1, 2, 4)):

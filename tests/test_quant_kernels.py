@@ -73,3 +73,20 @@ def test_int4_without_zeros_is_refused():
     qw = _quantized("int4", 8, 64, 32, seed=2)
     with pytest.raises(ValueError, match="zeros"):
         triton_quant_matmul(torch.randn(1, 64).half(), qw.q, qw.scale, None, 4, 32, KernelConfig("gemv", 8, 32))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_bias_and_residual_are_added_in_the_kernel_or_after_a_split(fmt, split_k):
+    qw = _quantized(fmt, 24, 256, 64, seed=5)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 256, generator=gen).half()
+    bias = torch.randn(24, generator=gen).half()
+    residual = torch.randn(2, 24, generator=gen).half()
+    ref = x.float() @ dequantize(qw).T + bias.float()
+    config = KernelConfig("gemv", block_n=8, block_k=128, split_k=split_k)
+    args = [t.to(DEVICE) if t is not None else None for t in (x, qw.q, qw.scale, qw.zero)]
+    y = triton_quant_matmul(*args, qw.bits, 64, config, bias.to(DEVICE))
+    assert (y.float().cpu() - ref).abs().max().item() <= 2e-3 * ref.abs().max().item() + 1e-3
+    y = triton_quant_matmul(*args, qw.bits, 64, config, bias.to(DEVICE), residual.to(DEVICE))
+    assert (y.float().cpu() - ref - residual.float()).abs().max().item() <= 2e-3 * ref.abs().max().item() + 2e-3

@@ -50,6 +50,10 @@ class KVCache:
         self.k[layer][rows, :, positions] = k.to(self.dtype)  # index dims first: [B, T, kvh, hd]
         self.v[layer][rows, :, positions] = v.to(self.dtype)
 
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value buffers of one layer, ``[rows, kv_heads, max_len, head_dim]`` (fused kernels)."""
+        return self.k[layer], self.v[layer]
+
     def view(self, layer: int, batch: int, length: int, first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``batch`` rows from ``first_row``, positions 0..length-1 (views, no copy)."""
         rows = slice(first_row, first_row + batch)

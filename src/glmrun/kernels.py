@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rms_norm", "rotary", "swiglu", "on_device"]
+__all__ = ["add_rms_norm", "rms_norm", "rotary", "swiglu", "on_device"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -24,6 +24,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.float() * xf).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum ``x + r`` (in the input dtype, as the official block adds) and its RMS norm."""
+    total = x + r
+    return total, rms_norm(total, weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -52,7 +60,7 @@ _fused: dict[str, Callable[..., Any]] = {}
 _disabled: list[bool] = [os.environ.get("GLMRUN_COMPILE", "1") == "0"]
 
 
-def on_device(fn: Callable[..., torch.Tensor], x: torch.Tensor) -> Callable[..., torch.Tensor]:
+def on_device(fn: Callable[..., Any], x: torch.Tensor) -> Callable[..., Any]:
     """``fn`` itself on the CPU; its compiled, fused form on CUDA (falls back to ``fn`` if compiling fails)."""
     if not x.is_cuda or _disabled[0] or torch.compiler.is_compiling():
         return fn
@@ -62,8 +70,8 @@ def on_device(fn: Callable[..., torch.Tensor], x: torch.Tensor) -> Callable[...,
     return compiled
 
 
-def _guarded(eager: Callable[..., torch.Tensor], compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def call(*args: Any) -> torch.Tensor:
+def _guarded(eager: Callable[..., Any], compiled: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
         if _disabled[0]:
             return eager(*args)
         try:

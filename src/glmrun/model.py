@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import decode_kernels, kernels
 from .cache import KVCache
 from .config import ModelConfig
 from .cpu_linear import BlockedCopy, HalfPacked, linear_rows
+from .quant import QuantLinear
 
 __all__ = ["ChatGLMForCausalLM", "rotary_tables", "apply_rotary"]
 
@@ -35,6 +36,21 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.on_device(kernels.rms_norm, x)(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + r, norm(x + r))``: the residual add and this norm in one fused kernel on CUDA."""
+        return kernels.on_device(kernels.add_rms_norm, x)(x, r, self.weight, self.eps)
+
+
+def linear(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(x)`` (+ ``residual``); a one-row float product on CUDA takes glmrun's GEMV kernel
+    (decode_kernels.half_gemv), which adds the residual in the same kernel, as a quantized layer's does."""
+    if isinstance(layer, nn.Linear) and decode_kernels.gemv_supported(x, layer.weight):
+        return decode_kernels.half_gemv(x, layer.weight, layer.bias, residual)
+    if residual is not None and isinstance(layer, QuantLinear):
+        return layer(x, residual)
+    y = cast(torch.Tensor, layer(x))
+    return y if residual is None else residual + y
 
 
 def rotary_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +97,16 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
         B, T, _ = x.shape  # x: [B, T, hidden]
         H, K, D = self.heads, self.kv_heads, self.head_dim
-        qkv = self.query_key_value(x)  # [B, T, (H + 2K) * D]
+        qkv = linear(self.query_key_value, x)  # [B, T, (H + 2K) * D]
+        if step.mode == "rows" and T == 1 and cache.dtype == qkv.dtype and decode_kernels.supported(qkv, D):
+            # CUDA decode: rotary + cache write in one kernel, then split-key attention over each row's keys.
+            k_buf, v_buf = cache.buffers(self.layer)
+            pos = step.positions.view(B)
+            q1 = decode_kernels.rope_write(
+                qkv.view(B, -1), step.cos.view(B, -1), step.sin.view(B, -1), pos, k_buf, v_buf, step.first_row, H, K
+            )  # [B, H, D]
+            out = decode_kernels.decode_attention(q1, k_buf, v_buf, pos, step.first_row, step.length)
+            return linear(self.dense, out.view(B, 1, H * D))
         qk = apply_rotary(qkv[..., : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)  # q and k at once
         q, k = qk.split((H, K), dim=2)  # [B, T, H, D], [B, T, K, D]
         v = qkv[..., (H + K) * D :].view(B, T, K, D)
@@ -144,9 +169,10 @@ class MLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(h, 2 * f, bias=config.add_bias_linear, device=device, dtype=dtype)
         self.dense_4h_to_h = nn.Linear(f, h, bias=config.add_bias_linear, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dense_h_to_4h(x)  # [B, T, 2 * ffn]: gate rows first, then up rows
-        return self.dense_4h_to_h(kernels.on_device(kernels.swiglu, h)(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's output, plus ``residual`` when given (the block's skip connection, fused where possible)."""
+        h = linear(self.dense_h_to_4h, x)  # [B, T, 2 * ffn]: gate rows first, then up rows
+        return linear(self.dense_4h_to_h, kernels.on_device(kernels.swiglu, h)(h), residual)
 
 
 class GLMBlock(nn.Module):
@@ -159,8 +185,8 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), step, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attention(self.input_layernorm(x), step, cache))
+        return self.mlp(h, residual=x)
 
 
 class Embedding(nn.Module):
@@ -320,5 +346,5 @@ class ChatGLMForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             out = linear_rows(x, self.transformer.embedding.word_embeddings.weight, None, self.fast_head)
         else:
-            out = self.transformer.output_layer(x)
+            out = linear(self.transformer.output_layer, x)
         return out.float()  # [B, V] or [B, T, V]

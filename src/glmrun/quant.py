@@ -300,15 +300,22 @@ class QuantLinear(nn.Module):
             self.weight_zero,
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``x @ W.T + bias``, plus ``residual`` (``[..., out]``) when given (fused into the kernel on CUDA)."""
         if x.shape[-1] != self.in_features:
             raise InvalidArgumentError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
         x2d = x.reshape(-1, self.in_features)  # [M, in]
+        res = residual.reshape(-1, self.out_features) if residual is not None else None
         y = quant_matmul(
-            x2d, self.weight_q, self.weight_scale, self.weight_zero, self.spec.bits, self.spec.group_size
+            x2d,
+            self.weight_q,
+            self.weight_scale,
+            self.weight_zero,
+            self.spec.bits,
+            self.spec.group_size,
+            self.bias,
+            res,
         )  # [M, out]
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

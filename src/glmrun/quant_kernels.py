@@ -129,16 +129,16 @@ def triton_config_for(m: int, n: int, k: int, group_size: int, bits: int) -> Ker
     """The launch settings for an ``[m, k] x [n, k]`` product, or None when the Triton path does not apply."""
     if m > _MAX_TRITON_ROWS:
         return None
-    # Picked from `benchmarks/quant_kernels_gpu.py --sweep` on one H200 (torch 2.11, Triton 3.6): one
-    # row -> gemv with long K-blocks, split in two for tall K (13696) so the grid still fills the GPU;
+    # Picked from `benchmarks/quant_kernels_gpu.py --sweep` (one row: on an H100, torch 2.11, Triton 3.6,
+    # `results/h100/kernel_sweep.json`; more rows: on an H200): one row -> gemv with long K-blocks, 8 outputs
+    # per program and no split of K (a split costs a zeroed float32 output and a cast: two more kernels);
     # more rows -> 16-row tensor-core tiles, narrow in N and split over K twice.
     if m == 1:
         fits = (b for b in (2048, 1024, 512, 256, 128, 64, 32) if _block_k_fits(b, group_size, k, "gemv", bits))
         block_k = next(fits, None)
         if block_k is None:
             return None
-        split_k = 2 if k >= 8192 else 1
-        return KernelConfig("gemv", block_n=8 if bits == 4 else 4, block_k=block_k, split_k=split_k, num_warps=4)
+        return KernelConfig("gemv", block_n=8, block_k=block_k, split_k=1, num_warps=4)
     block_k = next((b for b in (128, 64, 32) if _block_k_fits(b, group_size, k, "mm", bits)), None)
     if block_k is None:
         return None
@@ -153,8 +153,14 @@ def triton_quant_matmul(
     bits: int,
     group_size: int,
     config: KernelConfig,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """``x2d [M, K] @ W.T -> [M, N]`` in ``x2d.dtype`` with one fused Triton kernel (CUDA, fp16/bf16 x)."""
+    """``x2d [M, K] @ W.T (+ bias) (+ residual [M, N]) -> [M, N]`` in ``x2d.dtype`` with one fused Triton kernel.
+
+    (CUDA, fp16/bf16 x; or Triton's interpreter.) Bias and residual are added in the kernel by ``gemv``
+    without a split of K, after it otherwise.
+    """
     if triton is None:
         raise RuntimeError("Triton is not installed")
     m, k = x2d.shape
@@ -167,6 +173,9 @@ def triton_quant_matmul(
     if zero is None and bits == 4:
         raise ValueError("an INT4 weight needs its zeros")
     z = zero.contiguous() if zero is not None else scale  # unused without zeros (symmetric INT8)
+    if (bias is not None or residual is not None) and (config.kind != "gemv" or config.split_k > 1):
+        y = triton_quant_matmul(x2d, q, scale, zero, bits, group_size, config)
+        return _add_after(y, bias, residual)
     if config.split_k > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x2d.device)
     else:
@@ -190,6 +199,8 @@ def triton_quant_matmul(
             words,
             scale,
             z,
+            bias if bias is not None else scale,  # unused without a bias
+            residual.contiguous() if residual is not None else scale,  # unused without a residual
             y,
             n,
             k,
@@ -199,6 +210,8 @@ def triton_quant_matmul(
             y.stride(0),
             GROUPS_PER_BLOCK=groups_per_block,
             EVEN_K=k % config.block_k == 0,
+            HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None,
             **common,
         )
     else:
@@ -222,13 +235,28 @@ def triton_quant_matmul(
     return y if config.split_k == 1 else y.to(x2d.dtype)
 
 
-def quant_matmul(x2d: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int) -> Tensor:
-    """``x2d [M, K] @ W.T -> [M, N]`` in ``x2d.dtype``: the fused kernel where it applies, else dequantize."""
+def quant_matmul(
+    x2d: Tensor,
+    q: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    bits: int,
+    group_size: int,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``x2d [M, K] @ W.T (+ bias) (+ residual) -> [M, N]`` in ``x2d.dtype``: the fused kernel where it applies."""
     if triton is not None and x2d.is_cuda and x2d.dtype in (torch.float16, torch.bfloat16):
         config = triton_config_for(x2d.shape[0], q.shape[0], x2d.shape[1], group_size, bits)
         if config is not None:
-            return triton_quant_matmul(x2d, q, scale, zero, bits, group_size, config)
-    return dequant_matmul(x2d, q, scale, zero, bits, group_size)
+            return triton_quant_matmul(x2d, q, scale, zero, bits, group_size, config, bias, residual)
+    return _add_after(dequant_matmul(x2d, q, scale, zero, bits, group_size), bias, residual)
+
+
+def _add_after(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y if residual is None else residual.to(y.dtype) + y
 
 
 if triton is not None:
@@ -239,6 +267,8 @@ if triton is not None:
         w_ptr,
         s_ptr,
         z_ptr,
+        b_ptr,
+        r_ptr,
         y_ptr,
         N,
         K,
@@ -254,6 +284,8 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr,
     ):
         # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
         # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
@@ -315,6 +347,10 @@ if triton is not None:
             else:
                 acc += tl.sum(s * 256.0 * (part - 1.5 * xs), 1)
         y = y_ptr + row * stride_ym + offs_n
+        if HAS_BIAS:  # only without a split of K (the caller adds it otherwise)
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_RES:  # residual [M, N], contiguous
+            acc += tl.load(r_ptr + row * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SPLIT_K == 1:
             tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
         else:

@@ -1,0 +1,378 @@
+"""The attention half of a decode step (one new token per row) as two fused Triton kernels, for CUDA.
+
+A batch-1 decode step of ChatGLM2-6B on an H100 spent ~0.5 ms of its ~5.9 ms outside the weight
+products on attention bookkeeping (`benchmarks/results/h100/profile_fp16.json`): rotary, two
+advanced-index cache writes and an ``arange`` per layer, then three batched products, a softmax and
+dtype casts over a key buffer padded to the CUDA graph's length bucket. Here each layer takes:
+
+* :func:`rope_write`: one kernel that rotates the new query and key heads, writes the key and value
+  into the cache at each row's position and returns the rotated queries;
+* :func:`decode_attention`: split-key ("flash-decoding") attention. With 2 KV heads one program per
+  head would leave the GPU idle, so each (row, KV head) pair's keys are cut into slices, each slice
+  gets one program (all the query heads sharing that KV head at once, a 16-row tensor-core product),
+  and a second kernel merges the slices by their log-sum-exp. A row reads only its own keys
+  (``position + 1`` of them, read from device memory), so a graph captured for a padded length
+  bucket does no work past each row's end.
+
+:func:`supported` says when they apply (CUDA, Triton, float16/bfloat16, power-of-two head size);
+elsewhere the model's plain path runs. The reference they are tested against (Triton's interpreter
+on the CPU, `tests/test_decode_kernels.py`) is that plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of torch; CPU installs do not have it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+__all__ = ["decode_attention", "gemv_supported", "half_gemv", "rope_write", "split_plan", "supported"]
+
+_BLOCK_L = 64  # keys per inner iteration of the attention kernel
+_TARGET_PROGRAMS = 256  # slices x rows x KV heads to aim for: ~2 programs per SM of an H100
+_GEMV_BLOCK_N, _GEMV_BLOCK_K = 2, 1024  # the best single setting over ChatGLM2-6B's four shapes (sweep above)
+
+
+def supported(q: Tensor, head_dim: int, interpret_ok: bool = False) -> bool:
+    """Whether the fused kernels serve this step (else the caller's plain path does)."""
+    if triton is None or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return False
+    return q.is_cuda or interpret_ok
+
+
+def gemv_supported(x: Tensor, weight: Tensor, interpret_ok: bool = False) -> bool:
+    """Whether :func:`half_gemv` serves ``x @ weight.T``: one row, float16/bfloat16, on CUDA."""
+    if triton is None or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    if x.numel() != x.shape[-1] or weight.dim() != 2 or weight.stride(1) != 1:
+        return False
+    return (x.is_cuda and weight.is_cuda) or interpret_ok
+
+
+def half_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
+    """One row times a float16/bfloat16 matrix: ``x [..., K] @ weight[N, K].T (+ bias) (+ residual)`` -> ``[..., N]``.
+
+    ``residual`` (``[..., N]``, one row) is added in the same kernel: a block's residual connection.
+
+    cuBLAS's one-row kernels read ChatGLM2-6B's matrices at 2.1-2.8 TB/s on an H100; this plain
+    streaming kernel (2 output rows per program, 1,024-wide K steps, float32 sums, bias in the
+    epilogue) reached 2.5-3.1 TB/s on the same shapes, 8% less time per token over the four
+    layer matrices (`benchmarks/results/h100/kernel_sweep.json`).
+    """
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    n, k = weight.shape
+    x1 = x.reshape(k)
+    if x1.stride(0) != 1:
+        x1 = x1.contiguous()
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    res = residual.reshape(n) if residual is not None else None
+    if res is not None and res.stride(0) != 1:
+        res = res.contiguous()
+    _half_gemv_kernel[(triton.cdiv(n, _GEMV_BLOCK_N),)](
+        x1,
+        weight,
+        bias if bias is not None else weight,  # unused without a bias
+        res if res is not None else weight,  # unused without a residual
+        y,
+        n,
+        k,
+        weight.stride(0),
+        HAS_BIAS=bias is not None,
+        HAS_RES=res is not None,
+        BLOCK_N=_GEMV_BLOCK_N,
+        BLOCK_K=_GEMV_BLOCK_K,
+        num_warps=4,
+    )
+    return y.view(*x.shape[:-1], n)
+
+
+def split_plan(length: int, programs_per_slice: int) -> tuple[int, int]:
+    """``(slices, keys per slice)`` for attending ``length`` keys with ``programs_per_slice`` (rows x KV heads).
+
+    Enough slices to give ~``_TARGET_PROGRAMS`` programs, each a whole number of ``_BLOCK_L`` blocks.
+    """
+    blocks = triton.cdiv(length, _BLOCK_L) if triton is not None else -(-length // _BLOCK_L)
+    want = max(1, -(-_TARGET_PROGRAMS // max(1, programs_per_slice)))
+    per_slice = max(1, -(-blocks // want))  # blocks per slice
+    slices = -(-blocks // per_slice)
+    return slices, per_slice * _BLOCK_L
+
+
+def rope_write(
+    qkv: Tensor,  # [B, (H + 2K) * D]: this step's projections, one token per row
+    cos: Tensor,  # [B, R] float32, R = rotary_dim / 2
+    sin: Tensor,
+    positions: Tensor,  # [B] long
+    k_cache: Tensor,  # [rows, K, max_len, D]
+    v_cache: Tensor,
+    first_row: int,
+    heads: int,
+    kv_heads: int,
+) -> Tensor:
+    """Rotate q and k, store k and v at each row's position; returns the rotated queries ``[B, H, D]``."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    B = qkv.shape[0]
+    D = k_cache.shape[-1]
+    R = cos.shape[-1]
+    qkv = qkv.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    positions = positions.contiguous()
+    q = torch.empty((B, heads, D), dtype=qkv.dtype, device=qkv.device)
+    _rope_write_kernel[(B, heads + 2 * kv_heads)](
+        qkv,
+        cos,
+        sin,
+        positions,
+        q,
+        k_cache,
+        v_cache,
+        qkv.stride(0),
+        cos.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        first_row,
+        heads,
+        kv_heads,
+        D=D,
+        R=R,
+    )
+    return q
+
+
+def decode_attention(
+    q: Tensor,  # [B, H, D]
+    k_cache: Tensor,  # [rows, K, max_len, D]
+    v_cache: Tensor,
+    positions: Tensor,  # [B] long: row b attends keys 0..positions[b]
+    first_row: int,
+    length: int,  # a bound on positions + 1 (the graph's length bucket): sizes the launch
+) -> Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` per row over its own keys; returns ``[B, H, D]`` in q's dtype."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    B, H, D = q.shape
+    K = k_cache.shape[1]
+    G = H // K
+    GP = max(16, triton.next_power_of_2(G))  # tensor-core products need 16 rows
+    slices, per_slice = split_plan(length, B * K)
+    q = q.contiguous()
+    positions = positions.contiguous()
+    m = torch.empty((B * K, slices, GP), dtype=torch.float32, device=q.device)
+    s = torch.empty_like(m)
+    acc = torch.empty((B * K, slices, GP, D), dtype=torch.float32, device=q.device)
+    _attention_slices_kernel[(B * K, slices)](
+        q,
+        k_cache,
+        v_cache,
+        positions,
+        m,
+        s,
+        acc,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        first_row,
+        D**-0.5,
+        K=K,
+        G=G,
+        GP=GP,
+        D=D,
+        PER_SLICE=per_slice,
+        BLOCK_L=_BLOCK_L,
+        SLICES=slices,
+    )
+    out = torch.empty_like(q)
+    _merge_slices_kernel[(B * K, G)](
+        m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=min(64, triton.next_power_of_2(slices))
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _half_gemv_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        r_ptr,
+        y_ptr,
+        N,
+        K,
+        stride_wn,
+        HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # BLOCK_N output rows per program; products summed elementwise in float32 and reduced once at the end.
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        y = tl.sum(acc, 1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _rope_write_kernel(
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        pos_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        stride_b,
+        stride_cb,
+        stride_row,
+        stride_head,
+        stride_pos,
+        first_row,
+        H,
+        K,
+        D: tl.constexpr,
+        R: tl.constexpr,
+    ):
+        # One program per (row, head) of q, k and v heads in qkv order. Pairs (2i, 2i+1) with i < R rotate
+        # as the model's kernels.rotary does (float32 math, rounded to the input dtype); the rest pass.
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        half = tl.arange(0, D // 2)
+        src = qkv_ptr + b * stride_b + h * D
+        even = tl.load(src + 2 * half)
+        odd = tl.load(src + 2 * half + 1)
+        pos = tl.load(pos_ptr + b)
+        row = first_row + b
+        if h < H + K:
+            rot = half < R
+            c = tl.load(cos_ptr + b * stride_cb + half, mask=rot, other=1.0)
+            s = tl.load(sin_ptr + b * stride_cb + half, mask=rot, other=0.0)
+            e32, o32 = even.to(tl.float32), odd.to(tl.float32)
+            even = (e32 * c - o32 * s).to(even.dtype)
+            odd = (o32 * c + e32 * s).to(even.dtype)
+        if h < H:
+            dst = q_ptr + (b * H + h) * D
+            tl.store(dst + 2 * half, even)
+            tl.store(dst + 2 * half + 1, odd)
+        else:
+            if h < H + K:
+                dst = k_ptr + row * stride_row + (h - H) * stride_head + pos * stride_pos
+            else:
+                dst = v_ptr + row * stride_row + (h - H - K) * stride_head + pos * stride_pos
+            tl.store(dst + 2 * half, even.to(dst.dtype.element_ty))
+            tl.store(dst + 2 * half + 1, odd.to(dst.dtype.element_ty))
+
+    @triton.jit
+    def _attention_slices_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        pos_ptr,
+        m_ptr,
+        s_ptr,
+        acc_ptr,
+        stride_row,
+        stride_head,
+        stride_pos,
+        first_row,
+        scale,
+        K: tl.constexpr,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        D: tl.constexpr,
+        PER_SLICE: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        SLICES: tl.constexpr,
+    ):
+        # Program (b * K + kh, slice): the G query heads of KV head kh over keys [start, start + PER_SLICE)
+        # of row b, cut at the row's length. Writes the slice's running max, sum of exponentials and
+        # unnormalised output (an empty slice writes -inf, 0, 0, which the merge weighs by 0).
+        bk = tl.program_id(0)
+        sl = tl.program_id(1)
+        b = bk // K
+        kh = bk % K
+        length = tl.load(pos_ptr + b) + 1
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, D)
+        q = tl.load(q_ptr + (b * K * G + kh * G + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None])
+        base = (first_row + b) * stride_row + kh * stride_head
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        s_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        start = sl * PER_SLICE
+        stop = tl.minimum(start + PER_SLICE, length)
+        for l0 in range(start, stop, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            valid = offs_l < stop
+            kv_offs = base + offs_l[:, None] * stride_pos + offs_d[None, :]
+            k = tl.load(k_ptr + kv_offs, mask=valid[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_L] float32
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + kv_offs, mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            s_i = s_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        out = bk * SLICES + sl
+        tl.store(m_ptr + out * GP + offs_g, m_i)
+        tl.store(s_ptr + out * GP + offs_g, s_i)
+        tl.store(acc_ptr + (out * GP + offs_g)[:, None] * D + offs_d[None, :], acc)
+
+    @triton.jit
+    def _merge_slices_kernel(
+        m_ptr,
+        s_ptr,
+        acc_ptr,
+        out_ptr,
+        slices,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        # Program (b * K + kh, j): query head kh * G + j of row b. Slice 0 is never empty (every row has
+        # at least its own key), so the global max is finite and empty slices weigh exp(-inf) = 0.
+        bk = tl.program_id(0)
+        j = tl.program_id(1)
+        offs_d = tl.arange(0, D)
+        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, slices, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mv = tl.load(m_ptr + (bk * slices + offs_s) * GP + j, mask=offs_s < slices, other=float("-inf"))
+            top = tl.maximum(top, mv)
+        big = tl.max(top, 0)
+        total = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for s0 in range(0, slices, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            inside = offs_s < slices
+            rows = (bk * slices + offs_s) * GP + j
+            w = tl.exp(tl.load(m_ptr + rows, mask=inside, other=float("-inf")) - big)
+            total += w * tl.load(s_ptr + rows, mask=inside, other=0.0)
+            part = tl.load(acc_ptr + rows[:, None] * D + offs_d[None, :], mask=inside[:, None], other=0.0)
+            acc += tl.sum(part * w[:, None], 0)
+        out = acc / tl.sum(total, 0)
+        tl.store(out_ptr + (bk * G + j) * D + offs_d, out.to(out_ptr.dtype.element_ty))

@@ -6,7 +6,7 @@ out="${1:?outdir}"; shift; mkdir -p "$out"; stages="${*:-tests attention prefill
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-[[ $stages == *tests* ]] && echo "=== tests" && timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py tests/test_quant_kernels.py \
+[[ $stages == *tests* ]] && echo "=== tests" && timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_layer_kernels.py tests/test_quant_kernels.py \
   tests/test_quant.py 2>&1 | tail -8
 [[ $stages == *attention* ]] && echo "=== attention" && timeout 120 python3 benchmarks/attention_backends.py "$out/attention_backends.json" | cut -c1-220
 [[ $stages == *prefill* ]] && echo "=== prefill" && timeout 150 python3 benchmarks/profile_prefill.py "$out/profile_prefill.json" --prompt-len 2048 --chunks 512,2048 2>&1 | tail -30

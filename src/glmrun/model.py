@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decode_kernels, kernels
+from . import kernels, layer_kernels
 from .cache import KVCache
 from .config import ModelConfig
 from .cpu_linear import BlockedCopy, HalfPacked, linear_rows
@@ -44,9 +44,9 @@ class RMSNorm(nn.Module):
 
 def linear(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``layer(x)`` (+ ``residual``); a one-row float product on CUDA takes glmrun's GEMV kernel
-    (decode_kernels.half_gemv), which adds the residual in the same kernel, as a quantized layer's does."""
-    if isinstance(layer, nn.Linear) and decode_kernels.gemv_supported(x, layer.weight):
-        return decode_kernels.half_gemv(x, layer.weight, layer.bias, residual)
+    (layer_kernels.half_gemv), which adds the residual in the same kernel, as a quantized layer's does."""
+    if isinstance(layer, nn.Linear) and layer_kernels.gemv_supported(x, layer.weight):
+        return layer_kernels.half_gemv(x, layer.weight, layer.bias, residual)
     if residual is not None and isinstance(layer, QuantLinear):
         return layer(x, residual)
     y = cast(torch.Tensor, layer(x))
@@ -98,25 +98,42 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape  # x: [B, T, hidden]
         H, K, D = self.heads, self.kv_heads, self.head_dim
         qkv = linear(self.query_key_value, x)  # [B, T, (H + 2K) * D]
-        if step.mode == "rows" and T == 1 and cache.dtype == qkv.dtype and decode_kernels.supported(qkv, D):
-            # CUDA decode: rotary + cache write in one kernel, then split-key attention over each row's keys.
+        if (step.mode != "rows" or T == 1) and cache.dtype == qkv.dtype and layer_kernels.supported(qkv, D):
+            # CUDA: rotary and the cache write in one kernel; decode rows then take split-key attention.
             k_buf, v_buf = cache.buffers(self.layer)
-            pos = step.positions.view(B)
-            q1 = decode_kernels.rope_write(
-                qkv.view(B, -1), step.cos.view(B, -1), step.sin.view(B, -1), pos, k_buf, v_buf, step.first_row, H, K
-            )  # [B, H, D]
-            out = decode_kernels.decode_attention(q1, k_buf, v_buf, pos, step.first_row, step.length)
-            return linear(self.dense, out.view(B, 1, H * D))
-        qk = apply_rotary(qkv[..., : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)  # q and k at once
-        q, k = qk.split((H, K), dim=2)  # [B, T, H, D], [B, T, K, D]
-        v = qkv[..., (H + K) * D :].view(B, T, K, D)
-        cache.write(self.layer, step.positions, k, v, step.first_row)
-        if step.mode == "causal":
-            # A fresh prompt in one piece: causal attention over its own keys (flash / cuDNN kernels).
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=K != H
-            )  # [B, H, T, D]
-            return self.dense(out.transpose(1, 2).reshape(B, T, H * D))
+            n = B * T
+            q = layer_kernels.rope_write(
+                qkv.view(n, -1),
+                step.cos.view(n, -1),
+                step.sin.view(n, -1),
+                step.positions.reshape(n),
+                k_buf,
+                v_buf,
+                step.first_row,
+                H,
+                K,
+                tokens_per_row=T,
+            ).view(B, T, H, D)
+            if step.mode == "rows":
+                out = layer_kernels.decode_attention(
+                    q.view(B, H, D), k_buf, v_buf, step.positions.view(B), step.first_row, step.length
+                )
+                return linear(self.dense, out.view(B, 1, H * D))
+            if step.mode == "causal":
+                keys, values = cache.view(self.layer, B, T, step.first_row)  # [B, K, T, D]
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=K != H)
+                return self.dense(out.transpose(1, 2).reshape(B, T, H * D))
+        else:
+            qk = apply_rotary(qkv[..., : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)  # q and k at once
+            q, k = qk.split((H, K), dim=2)  # [B, T, H, D], [B, T, K, D]
+            v = qkv[..., (H + K) * D :].view(B, T, K, D)
+            cache.write(self.layer, step.positions, k, v, step.first_row)
+            if step.mode == "causal":
+                # A fresh prompt in one piece: causal attention over its own keys (flash / cuDNN kernels).
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=K != H
+                )  # [B, H, T, D]
+                return self.dense(out.transpose(1, 2).reshape(B, T, H * D))
         keys, values = cache.view(self.layer, B, step.length, step.first_row)  # [B, K, L, D]
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         if step.mode == "chunk":
@@ -172,7 +189,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP's output, plus ``residual`` when given (the block's skip connection, fused where possible)."""
         h = linear(self.dense_h_to_4h, x)  # [B, T, 2 * ffn]: gate rows first, then up rows
-        return linear(self.dense_4h_to_h, kernels.on_device(kernels.swiglu, h)(h), residual)
+        if layer_kernels.elementwise_supported(h):
+            act = layer_kernels.swiglu(h)
+        else:
+            act = kernels.on_device(kernels.swiglu, h)(h)
+        return linear(self.dense_4h_to_h, act, residual)
 
 
 class GLMBlock(nn.Module):

@@ -1,22 +1,25 @@
-"""The attention half of a decode step (one new token per row) as two fused Triton kernels, for CUDA.
+"""Fused Triton kernels for a layer's float path on CUDA: one-row products, rotary + cache writes, attention.
 
 A batch-1 decode step of ChatGLM2-6B on an H100 spent ~0.5 ms of its ~5.9 ms outside the weight
 products on attention bookkeeping (`benchmarks/results/h100/profile_fp16.json`): rotary, two
 advanced-index cache writes and an ``arange`` per layer, then three batched products, a softmax and
-dtype casts over a key buffer padded to the CUDA graph's length bucket. Here each layer takes:
+dtype casts over a key buffer padded to the CUDA graph's length bucket. Here a layer takes:
 
+* :func:`half_gemv`: the one-row float16/bfloat16 product (faster than cuBLAS's one-row kernels on
+  these shapes), with the bias and the block's residual added in its epilogue;
 * :func:`rope_write`: one kernel that rotates the new query and key heads, writes the key and value
-  into the cache at each row's position and returns the rotated queries;
+  into the cache at each token's position and returns the rotated queries (decode steps and prompts);
 * :func:`decode_attention`: split-key ("flash-decoding") attention. With 2 KV heads one program per
   head would leave the GPU idle, so each (row, KV head) pair's keys are cut into slices, each slice
   gets one program (all the query heads sharing that KV head at once, a 16-row tensor-core product),
   and a second kernel merges the slices by their log-sum-exp. A row reads only its own keys
   (``position + 1`` of them, read from device memory), so a graph captured for a padded length
-  bucket does no work past each row's end.
+  bucket does no work past each row's end;
+* :func:`swiglu`: the MLP's gate, for prompts (the compiled elementwise form reached ~1.4 TB/s there).
 
-:func:`supported` says when they apply (CUDA, Triton, float16/bfloat16, power-of-two head size);
-elsewhere the model's plain path runs. The reference they are tested against (Triton's interpreter
-on the CPU, `tests/test_decode_kernels.py`) is that plain path.
+:func:`supported` / :func:`gemv_supported` say when they apply (CUDA, Triton, float16/bfloat16,
+power-of-two head size); elsewhere the model's plain path runs. The reference they are tested against
+(Triton's interpreter on the CPU, `tests/test_layer_kernels.py`) is that plain path.
 """
 
 from __future__ import annotations
@@ -31,10 +34,20 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-__all__ = ["decode_attention", "gemv_supported", "half_gemv", "rope_write", "split_plan", "supported"]
+__all__ = [
+    "decode_attention",
+    "elementwise_supported",
+    "gemv_supported",
+    "half_gemv",
+    "rope_write",
+    "split_plan",
+    "supported",
+    "swiglu",
+]
 
 _BLOCK_L = 64  # keys per inner iteration of the attention kernel
 _TARGET_PROGRAMS = 256  # slices x rows x KV heads to aim for: ~2 programs per SM of an H100
+_SWIGLU_BLOCK = 1024
 _GEMV_BLOCK_N, _GEMV_BLOCK_K = 2, 1024  # the best single setting over ChatGLM2-6B's four shapes (sweep above)
 
 
@@ -45,6 +58,11 @@ def supported(q: Tensor, head_dim: int, interpret_ok: bool = False) -> bool:
     if head_dim & (head_dim - 1) or head_dim < 16:
         return False
     return q.is_cuda or interpret_ok
+
+
+def elementwise_supported(t: Tensor, interpret_ok: bool = False) -> bool:
+    """Whether :func:`swiglu` serves ``t``: float16/bfloat16 on CUDA."""
+    return triton is not None and t.dtype in (torch.float16, torch.bfloat16) and (t.is_cuda or interpret_ok)
 
 
 def gemv_supported(x: Tensor, weight: Tensor, interpret_ok: bool = False) -> bool:
@@ -94,6 +112,20 @@ def half_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor |
     return y.view(*x.shape[:-1], n)
 
 
+def swiglu(h: Tensor) -> Tensor:
+    """``silu(gate) * up`` of ``h [..., 2F]`` (gate half first) -> ``[..., F]``, rounded as the eager form rounds."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    f = h.shape[-1] // 2
+    h2 = h.reshape(-1, 2 * f)
+    if h2.stride(1) != 1 or h2.stride(0) != 2 * f:
+        h2 = h2.contiguous()
+    rows = h2.shape[0]
+    out = torch.empty((rows, f), dtype=h.dtype, device=h.device)
+    _swiglu_kernel[(rows, triton.cdiv(f, _SWIGLU_BLOCK))](h2, out, f, BLOCK=_SWIGLU_BLOCK, num_warps=4)
+    return out.view(*h.shape[:-1], f)
+
+
 def split_plan(length: int, programs_per_slice: int) -> tuple[int, int]:
     """``(slices, keys per slice)`` for attending ``length`` keys with ``programs_per_slice`` (rows x KV heads).
 
@@ -107,17 +139,22 @@ def split_plan(length: int, programs_per_slice: int) -> tuple[int, int]:
 
 
 def rope_write(
-    qkv: Tensor,  # [B, (H + 2K) * D]: this step's projections, one token per row
-    cos: Tensor,  # [B, R] float32, R = rotary_dim / 2
+    qkv: Tensor,  # [N, (H + 2K) * D]: the projections of N = B * T tokens, row by row
+    cos: Tensor,  # [N, R] float32, R = rotary_dim / 2
     sin: Tensor,
-    positions: Tensor,  # [B] long
+    positions: Tensor,  # [N] long
     k_cache: Tensor,  # [rows, K, max_len, D]
     v_cache: Tensor,
     first_row: int,
     heads: int,
     kv_heads: int,
+    tokens_per_row: int = 1,
 ) -> Tensor:
-    """Rotate q and k, store k and v at each row's position; returns the rotated queries ``[B, H, D]``."""
+    """Rotate q and k, store k and v at each token's position; returns the rotated queries ``[N, H, D]``.
+
+    Token ``i`` belongs to cache row ``first_row + i // tokens_per_row`` (1 for decode steps; a prompt
+    chunk of one row passes its length).
+    """
     if triton is None:
         raise RuntimeError("Triton is not installed")
     B = qkv.shape[0]
@@ -141,6 +178,7 @@ def rope_write(
         k_cache.stride(1),
         k_cache.stride(2),
         first_row,
+        tokens_per_row,
         heads,
         kv_heads,
         D=D,
@@ -235,6 +273,18 @@ if triton is not None:
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
+    def _swiglu_kernel(h_ptr, out_ptr, F, BLOCK: tl.constexpr):
+        # Program (row, block of BLOCK columns): contiguous loads of the gate and up halves of one row.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < F
+        gate = tl.load(h_ptr + row * 2 * F + cols, mask=inside, other=0.0)
+        up = tl.load(h_ptr + row * 2 * F + F + cols, mask=inside, other=0.0)
+        g32 = gate.to(tl.float32)
+        act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)  # F.silu rounds to the input dtype
+        tl.store(out_ptr + row * F + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=inside)
+
+    @triton.jit
     def _rope_write_kernel(
         qkv_ptr,
         cos_ptr,
@@ -249,21 +299,22 @@ if triton is not None:
         stride_head,
         stride_pos,
         first_row,
+        tokens_per_row,
         H,
         K,
         D: tl.constexpr,
         R: tl.constexpr,
     ):
-        # One program per (row, head) of q, k and v heads in qkv order. Pairs (2i, 2i+1) with i < R rotate
+        # One program per (token, head) of q, k and v heads in qkv order. Pairs (2i, 2i+1) with i < R rotate
         # as the model's kernels.rotary does (float32 math, rounded to the input dtype); the rest pass.
         b = tl.program_id(0)
         h = tl.program_id(1)
         half = tl.arange(0, D // 2)
-        src = qkv_ptr + b * stride_b + h * D
+        src = qkv_ptr + b.to(tl.int64) * stride_b + h * D
         even = tl.load(src + 2 * half)
         odd = tl.load(src + 2 * half + 1)
         pos = tl.load(pos_ptr + b)
-        row = first_row + b
+        row = (first_row + b // tokens_per_row).to(tl.int64)
         if h < H + K:
             rot = half < R
             c = tl.load(cos_ptr + b * stride_cb + half, mask=rot, other=1.0)
@@ -272,7 +323,7 @@ if triton is not None:
             even = (e32 * c - o32 * s).to(even.dtype)
             odd = (o32 * c + e32 * s).to(even.dtype)
         if h < H:
-            dst = q_ptr + (b * H + h) * D
+            dst = q_ptr + (b.to(tl.int64) * H + h) * D
             tl.store(dst + 2 * half, even)
             tl.store(dst + 2 * half + 1, odd)
         else:
@@ -316,7 +367,7 @@ if triton is not None:
         offs_g = tl.arange(0, GP)
         offs_d = tl.arange(0, D)
         q = tl.load(q_ptr + (b * K * G + kh * G + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None])
-        base = (first_row + b) * stride_row + kh * stride_head
+        base = (first_row + b).to(tl.int64) * stride_row + kh * stride_head
         m_i = tl.full([GP], float("-inf"), tl.float32)
         s_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)

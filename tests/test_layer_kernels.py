@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmrun import decode_kernels
+from glmrun import layer_kernels
 from glmrun.cache import KVCache
 from glmrun.config import ModelConfig
 from glmrun.model import _decode_attention, apply_rotary, rotary_tables
 
-pytestmark = pytest.mark.skipif(decode_kernels.triton is None, reason="needs Triton (the test extra installs it)")
+pytestmark = pytest.mark.skipif(layer_kernels.triton is None, reason="needs Triton (the test extra installs it)")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -73,10 +73,10 @@ def test_fused_decode_matches_the_plain_path(heads, kv_heads, head_dim, rotary_d
     want = _decode_attention(qf, keys, values, mask).reshape(B, H, D)
 
     k_buf, v_buf = fused.buffers(0)
-    q1 = decode_kernels.rope_write(qkv, cos.view(B, -1), sin.view(B, -1), pos.view(B), k_buf, v_buf, first_row, H, K)
+    q1 = layer_kernels.rope_write(qkv, cos.view(B, -1), sin.view(B, -1), pos.view(B), k_buf, v_buf, first_row, H, K)
     assert torch.equal(q1.cpu(), q.reshape(B, H, D).cpu())  # same float32 math, same rounding
     assert torch.equal(fused.k[0].cpu(), plain.k[0].cpu()) and torch.equal(fused.v[0].cpu(), plain.v[0].cpu())
-    got = decode_kernels.decode_attention(q1, k_buf, v_buf, pos.view(B), first_row, bucket)
+    got = layer_kernels.decode_attention(q1, k_buf, v_buf, pos.view(B), first_row, bucket)
     assert got.shape == (B, H, D) and got.dtype == torch.float16
     err = (got.float() - want.float()).abs().max().item()
     assert err < 4e-3, err
@@ -88,33 +88,65 @@ def test_half_gemv_matches_linear(n, k, bias):
     w = (torch.randn(n, k, generator=gen) * 0.05).half().to(DEVICE)
     b = torch.randn(n, generator=gen).half().to(DEVICE) if bias else None
     x = torch.randn(1, 1, k, generator=gen).half().to(DEVICE)
-    assert decode_kernels.gemv_supported(x, w, interpret_ok=True)
-    got = decode_kernels.half_gemv(x, w, b)
+    assert layer_kernels.gemv_supported(x, w, interpret_ok=True)
+    got = layer_kernels.half_gemv(x, w, b)
     want = x.float() @ w.float().T + (b.float() if b is not None else 0)
     assert got.shape == (1, 1, n) and got.dtype == torch.float16
     assert (got.float() - want).abs().max().item() < 2e-3 * want.abs().max().item() + 1e-3
     residual = torch.randn(1, 1, n, generator=gen).half().to(DEVICE)
-    with_res = decode_kernels.half_gemv(x, w, b, residual)
+    with_res = layer_kernels.half_gemv(x, w, b, residual)
     assert (with_res.float() - want - residual.float()).abs().max().item() < 2e-3 * want.abs().max().item() + 2e-3
-    assert not decode_kernels.gemv_supported(x.expand(2, 1, k), w, interpret_ok=True)  # one row only
-    assert not decode_kernels.gemv_supported(x, w.float(), interpret_ok=True)
+    assert not layer_kernels.gemv_supported(x.expand(2, 1, k), w, interpret_ok=True)  # one row only
+    assert not layer_kernels.gemv_supported(x, w.float(), interpret_ok=True)
+
+
+@pytest.mark.parametrize(("batch", "positions"), [(2, range(0, 5)), (1, range(7, 12))])
+def test_rope_write_of_prompt_tokens_matches_the_plain_path(batch, positions):
+    """A prompt piece: T tokens per row, B rows (a fresh padded batch) or one row's later chunk."""
+    cfg = _config(8, 2, 32, 16)
+    T = len(positions)
+    gen = torch.Generator().manual_seed(T + batch)
+    plain, fused = (KVCache(cfg, rows=3, max_len=64, dtype=torch.float16, devices=[DEVICE]) for _ in range(2))
+    qkv = torch.randn(batch, T, 12 * 32, generator=gen).half().to(DEVICE)
+    pos = torch.tensor(list(positions), device=DEVICE)[None].expand(batch, T)
+    cos, sin = rotary_tables(cfg, pos)
+    qk = apply_rotary(qkv[..., : 10 * 32].view(batch, T, 10, 32), cos, sin)
+    plain.write(0, pos, qk[:, :, 8:], qkv[..., 10 * 32 :].view(batch, T, 2, 32), 1)
+    n = batch * T
+    k_buf, v_buf = fused.buffers(0)
+    q = layer_kernels.rope_write(
+        qkv.view(n, -1), cos.view(n, -1), sin.view(n, -1), pos.reshape(n), k_buf, v_buf, 1, 8, 2, tokens_per_row=T
+    )
+    assert torch.equal(q.view(batch, T, 8, 32).cpu(), qk[:, :, :8].cpu())
+    assert torch.equal(fused.k[0].cpu(), plain.k[0].cpu()) and torch.equal(fused.v[0].cpu(), plain.v[0].cpu())
+
+
+def test_swiglu_matches_the_eager_form():
+    from glmrun import kernels
+
+    h = (torch.randn(3, 5, 2 * 1500, generator=torch.Generator().manual_seed(4)) * 3).half().to(DEVICE)
+    assert layer_kernels.elementwise_supported(h, interpret_ok=True)
+    got = layer_kernels.swiglu(h)
+    want = kernels.swiglu(h.cpu().float()).half()
+    assert got.shape == (3, 5, 1500)
+    assert (got.float().cpu() - want.float()).abs().max().item() <= 2e-3 * want.float().abs().max().item()
 
 
 def test_split_plan_covers_the_keys_with_whole_blocks():
     for length in (1, 63, 64, 300, 2048, 32768):
         for programs in (1, 2, 64, 512):
-            slices, per_slice = decode_kernels.split_plan(length, programs)
+            slices, per_slice = layer_kernels.split_plan(length, programs)
             assert per_slice % 64 == 0
             assert slices * per_slice >= length > (slices - 1) * per_slice
-    assert decode_kernels.split_plan(2048, 2)[0] == 32  # one row, two KV heads: 64 programs of 64 keys
+    assert layer_kernels.split_plan(2048, 2)[0] == 32  # one row, two KV heads: 64 programs of 64 keys
 
 
 def test_supported_only_for_half_precision_and_power_of_two_heads():
     half = torch.zeros(2, dtype=torch.float16)
-    assert decode_kernels.supported(half, 128, interpret_ok=True)
-    assert not decode_kernels.supported(half.float(), 128, interpret_ok=True)
-    assert not decode_kernels.supported(half, 96, interpret_ok=True)
-    assert not decode_kernels.supported(half, 128) or half.is_cuda  # a CPU tensor never takes it in the model
+    assert layer_kernels.supported(half, 128, interpret_ok=True)
+    assert not layer_kernels.supported(half.float(), 128, interpret_ok=True)
+    assert not layer_kernels.supported(half, 96, interpret_ok=True)
+    assert not layer_kernels.supported(half, 128) or half.is_cuda  # a CPU tensor never takes it in the model
 
 
 @pytest.mark.gpu
@@ -144,10 +176,15 @@ def test_cuda_decode_steps_match_float32_on_the_cpu(bits):
     lengths = [40, 23]  # row 1 is shorter: rows attend only their own keys
     graphs = GraphDecoder(gpu, caches[gpu])
     with torch.inference_mode():
+        prefill = {}
         for m in (cpu, gpu):
             dev = m.layer_devices()[0]
-            for row, n in enumerate(lengths):
-                m(prompts[row : row + 1, :n].to(dev), torch.arange(n, device=dev)[None], caches[m], first_row=row)
+            ids = prompts.to(dev)
+            first = m(ids[:1, :40], torch.arange(40, device=dev)[None], caches[m])  # row 0: one causal piece
+            m(ids[1:, :10], torch.arange(10, device=dev)[None], caches[m], first_row=1)  # row 1: two chunks
+            second = m(ids[1:, 10:23], torch.arange(10, 23, device=dev)[None], caches[m], first_row=1)
+            prefill[m] = torch.cat((first, second)).float().cpu()
+        assert (prefill[gpu] - prefill[cpu]).abs().max().item() < 2e-2 * prefill[cpu].abs().max().item()
         tokens = torch.tensor([[7], [9]])
         for step in range(4):
             pos = torch.tensor([[lengths[0] + step], [lengths[1] + step]])

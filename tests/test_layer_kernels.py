@@ -152,8 +152,15 @@ def test_supported_only_for_half_precision_and_power_of_two_heads():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_cuda_decode_steps_match_float32_on_the_cpu(bits):
-    """The model's CUDA decode (fused kernels, eager and graph-replayed) against its CPU float32 plain path."""
+@pytest.mark.parametrize("split", [False, True], ids=["one-gpu", "two-gpus"])
+def test_cuda_decode_steps_match_float32_on_the_cpu(bits, split):
+    """The model's CUDA decode (fused kernels, eager and graph-replayed) against its CPU float32 plain path.
+
+    Split over two GPUs, the second layer and the head live on cuda:1 while cuda:0 stays the current device:
+    every Triton launch must follow its tensors there.
+    """
+    if split and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
     import copy
 
     from glmrun.bench import random_model
@@ -167,7 +174,11 @@ def test_cuda_decode_steps_match_float32_on_the_cpu(bits):
     if bits is not None:
         for layer in cpu.layers:
             quantize_model_(layer, QuantSpec(bits=bits, group_size=32))
-    gpu = copy.deepcopy(cpu).to("cuda", torch.float16)
+    gpu = copy.deepcopy(cpu).to("cuda:0", torch.float16)
+    if split:
+        gpu.layers[1].to("cuda:1")
+        gpu.transformer.encoder.final_layernorm.to("cuda:1")
+        gpu.transformer.output_layer.to("cuda:1")
     caches = {
         m: KVCache(config, rows=2, max_len=512, dtype=d, devices=m.layer_devices())
         for m, d in ((cpu, torch.float32), (gpu, torch.float16))
@@ -195,4 +206,13 @@ def test_cuda_decode_steps_match_float32_on_the_cpu(bits):
                 got = graphs.step(tokens.cuda(), pos.cuda(), int(pos.max()) + 1)
             err = (got.float().cpu() - want).abs().max().item()
             assert err < 2e-2 * want.abs().max().item(), (step, err)
+            tokens = want.argmax(-1, keepdim=True)
+        for step in range(4, 6):  # one row: the one-row GEMV kernels
+            pos = torch.tensor([[lengths[0] + step]])
+            want = cpu(tokens[:1], pos, caches[cpu], length=int(pos) + 1)
+            if step == 4:
+                got = gpu(tokens[:1].cuda(), pos.cuda(), caches[gpu], length=int(pos) + 1)
+            else:
+                got = graphs.step(tokens[:1].cuda(), pos.cuda(), int(pos) + 1)
+            assert (got.float().cpu() - want).abs().max().item() < 2e-2 * want.abs().max().item(), step
             tokens = want.argmax(-1, keepdim=True)

@@ -9,6 +9,7 @@ off with ``GLMRUN_COMPILE=0``, the same functions run eagerly: the numbers are t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["add_rms_norm", "rms_norm", "rotary", "swiglu", "on_device"]
+__all__ = ["add_rms_norm", "rms_norm", "rotary", "swiglu", "on_device", "launch_device"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,3 +82,14 @@ def _guarded(eager: Callable[..., Any], compiled: Callable[..., Any]) -> Callabl
             return eager(*args)
 
     return call
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Make ``t``'s GPU the current one for a Triton launch (Triton launches on the current device).
+
+    A model split over GPUs runs layers whose tensors live on another GPU than the current one; torch's
+    own ops follow their tensors, Triton's kernels do not.
+    """
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import launch_device
+
 try:  # Triton ships with CUDA builds of torch; CPU installs do not have it.
     import triton
     import triton.language as tl
@@ -94,21 +96,22 @@ def half_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor |
     res = residual.reshape(n) if residual is not None else None
     if res is not None and res.stride(0) != 1:
         res = res.contiguous()
-    _half_gemv_kernel[(triton.cdiv(n, _GEMV_BLOCK_N),)](
-        x1,
-        weight,
-        bias if bias is not None else weight,  # unused without a bias
-        res if res is not None else weight,  # unused without a residual
-        y,
-        n,
-        k,
-        weight.stride(0),
-        HAS_BIAS=bias is not None,
-        HAS_RES=res is not None,
-        BLOCK_N=_GEMV_BLOCK_N,
-        BLOCK_K=_GEMV_BLOCK_K,
-        num_warps=4,
-    )
+    with launch_device(x1):
+        _half_gemv_kernel[(triton.cdiv(n, _GEMV_BLOCK_N),)](
+            x1,
+            weight,
+            bias if bias is not None else weight,  # unused without a bias
+            res if res is not None else weight,  # unused without a residual
+            y,
+            n,
+            k,
+            weight.stride(0),
+            HAS_BIAS=bias is not None,
+            HAS_RES=res is not None,
+            BLOCK_N=_GEMV_BLOCK_N,
+            BLOCK_K=_GEMV_BLOCK_K,
+            num_warps=4,
+        )
     return y.view(*x.shape[:-1], n)
 
 
@@ -122,7 +125,8 @@ def swiglu(h: Tensor) -> Tensor:
         h2 = h2.contiguous()
     rows = h2.shape[0]
     out = torch.empty((rows, f), dtype=h.dtype, device=h.device)
-    _swiglu_kernel[(rows, triton.cdiv(f, _SWIGLU_BLOCK))](h2, out, f, BLOCK=_SWIGLU_BLOCK, num_warps=4)
+    with launch_device(h2):
+        _swiglu_kernel[(rows, triton.cdiv(f, _SWIGLU_BLOCK))](h2, out, f, BLOCK=_SWIGLU_BLOCK, num_warps=4)
     return out.view(*h.shape[:-1], f)
 
 
@@ -164,26 +168,27 @@ def rope_write(
     cos, sin = cos.contiguous(), sin.contiguous()
     positions = positions.contiguous()
     q = torch.empty((B, heads, D), dtype=qkv.dtype, device=qkv.device)
-    _rope_write_kernel[(B, heads + 2 * kv_heads)](
-        qkv,
-        cos,
-        sin,
-        positions,
-        q,
-        k_cache,
-        v_cache,
-        qkv.stride(0),
-        cos.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        first_row,
-        tokens_per_row,
-        heads,
-        kv_heads,
-        D=D,
-        R=R,
-    )
+    with launch_device(qkv):
+        _rope_write_kernel[(B, heads + 2 * kv_heads)](
+            qkv,
+            cos,
+            sin,
+            positions,
+            q,
+            k_cache,
+            v_cache,
+            qkv.stride(0),
+            cos.stride(0),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            first_row,
+            tokens_per_row,
+            heads,
+            kv_heads,
+            D=D,
+            R=R,
+        )
     return q
 
 
@@ -208,31 +213,33 @@ def decode_attention(
     m = torch.empty((B * K, slices, GP), dtype=torch.float32, device=q.device)
     s = torch.empty_like(m)
     acc = torch.empty((B * K, slices, GP, D), dtype=torch.float32, device=q.device)
-    _attention_slices_kernel[(B * K, slices)](
-        q,
-        k_cache,
-        v_cache,
-        positions,
-        m,
-        s,
-        acc,
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        first_row,
-        D**-0.5,
-        K=K,
-        G=G,
-        GP=GP,
-        D=D,
-        PER_SLICE=per_slice,
-        BLOCK_L=_BLOCK_L,
-        SLICES=slices,
-    )
+    with launch_device(q):
+        _attention_slices_kernel[(B * K, slices)](
+            q,
+            k_cache,
+            v_cache,
+            positions,
+            m,
+            s,
+            acc,
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            first_row,
+            D**-0.5,
+            K=K,
+            G=G,
+            GP=GP,
+            D=D,
+            PER_SLICE=per_slice,
+            BLOCK_L=_BLOCK_L,
+            SLICES=slices,
+        )
     out = torch.empty_like(q)
-    _merge_slices_kernel[(B * K, G)](
-        m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=min(64, triton.next_power_of_2(slices))
-    )
+    with launch_device(out):
+        _merge_slices_kernel[(B * K, G)](
+            m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=min(64, triton.next_power_of_2(slices))
+        )
     return out
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import launch_device
+
 try:  # Triton ships with CUDA builds of torch; CPU installs do not have it.
     import triton
     import triton.language as tl
@@ -194,44 +196,46 @@ def triton_quant_matmul(
         groups_per_block = max(1, config.block_k // group_size) if group_size < k else 1
         grid = (triton.cdiv(n, config.block_n), m, config.split_k)
         words = q.view(torch.int32)  # [N, K / (32 // bits)]: the same bytes, read 4 at a time
-        _qgemv_kernel[grid](
-            x2d,
-            words,
-            scale,
-            z,
-            bias if bias is not None else scale,  # unused without a bias
-            residual.contiguous() if residual is not None else scale,  # unused without a residual
-            y,
-            n,
-            k,
-            x2d.stride(0),
-            words.stride(0),
-            scale.stride(0),
-            y.stride(0),
-            GROUPS_PER_BLOCK=groups_per_block,
-            EVEN_K=k % config.block_k == 0,
-            HAS_BIAS=bias is not None,
-            HAS_RES=residual is not None,
-            **common,
-        )
+        with launch_device(x2d):
+            _qgemv_kernel[grid](
+                x2d,
+                words,
+                scale,
+                z,
+                bias if bias is not None else scale,  # unused without a bias
+                residual.contiguous() if residual is not None else scale,  # unused without a residual
+                y,
+                n,
+                k,
+                x2d.stride(0),
+                words.stride(0),
+                scale.stride(0),
+                y.stride(0),
+                GROUPS_PER_BLOCK=groups_per_block,
+                EVEN_K=k % config.block_k == 0,
+                HAS_BIAS=bias is not None,
+                HAS_RES=residual is not None,
+                **common,
+            )
     else:
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
-        _qmm_kernel[grid](
-            x2d,
-            q,
-            scale,
-            z,
-            y,
-            m,
-            n,
-            k,
-            x2d.stride(0),
-            q.stride(0),
-            scale.stride(0),
-            y.stride(0),
-            BLOCK_M=config.block_m,
-            **common,
-        )
+        with launch_device(x2d):
+            _qmm_kernel[grid](
+                x2d,
+                q,
+                scale,
+                z,
+                y,
+                m,
+                n,
+                k,
+                x2d.stride(0),
+                q.stride(0),
+                scale.stride(0),
+                y.stride(0),
+                BLOCK_M=config.block_m,
+                **common,
+            )
     return y if config.split_k == 1 else y.to(x2d.dtype)
 
 

@@ -445,11 +445,12 @@ def test_predicted_peak_bounds_the_measured_one(context, chunk, rows, bits):
     torch.cuda.reset_peak_memory_stats()
     model = ChatGLMForCausalLM(config, device=dev, dtype=torch.float16).eval()
     if bits is not None:  # as a saved quantized checkpoint loads: the float weights are gone before the run
-        from glmrun.quant import quantize_model_
+        from glmrun.quant import quantize_head_, quantize_model_
 
         spec = QuantSpec(bits)
         config = config.replace(quantization=spec)
         quantize_model_(model, spec, skip=lambda name: not name.startswith("transformer.encoder.layers."))
+        quantize_head_(model, spec)  # the output layer too (INT8), as the plan and the loader have it
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     cache = KVCache(config, rows=rows, max_len=context, dtype=torch.float16, devices=[dev] * 4)

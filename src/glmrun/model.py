@@ -13,17 +13,17 @@ The model never samples, prints, picks devices or reads files; layers may sit on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, layer_kernels
+from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
 from .cpu_linear import BlockedCopy, HalfPacked, linear_rows
-from .quant import QuantLinear
 
 __all__ = ["ChatGLMForCausalLM", "rotary_tables", "apply_rotary"]
 
@@ -42,13 +42,24 @@ class RMSNorm(nn.Module):
         return kernels.on_device(kernels.add_rms_norm, x)(x, r, self.weight, self.eps)
 
 
+def _cuda_kernels(t: torch.Tensor) -> ModuleType | None:
+    """:mod:`glmrun.layer_kernels` for a CUDA tensor, else None (imported on first use: it imports Triton,
+    which a CPU run never needs)."""
+    if not t.is_cuda:
+        return None
+    from . import layer_kernels
+
+    return layer_kernels
+
+
 def linear(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``layer(x)`` (+ ``residual``); a one-row float product on CUDA takes glmrun's GEMV kernel
     (layer_kernels.half_gemv), which adds the residual in the same kernel, as a quantized layer's does."""
-    if isinstance(layer, nn.Linear) and layer_kernels.gemv_supported(x, layer.weight):
-        return layer_kernels.half_gemv(x, layer.weight, layer.bias, residual)
-    if residual is not None and isinstance(layer, QuantLinear):
-        return layer(x, residual)
+    lk = _cuda_kernels(x)
+    if lk is not None and isinstance(layer, nn.Linear) and lk.gemv_supported(x, layer.weight):
+        return cast(torch.Tensor, lk.half_gemv(x, layer.weight, layer.bias, residual))
+    if residual is not None and getattr(layer, "adds_residual", False):  # QuantLinear: fused in its kernel
+        return cast(torch.Tensor, layer(x, residual))
     y = cast(torch.Tensor, layer(x))
     return y if residual is None else residual + y
 
@@ -98,11 +109,12 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape  # x: [B, T, hidden]
         H, K, D = self.heads, self.kv_heads, self.head_dim
         qkv = linear(self.query_key_value, x)  # [B, T, (H + 2K) * D]
-        if (step.mode != "rows" or T == 1) and cache.dtype == qkv.dtype and layer_kernels.supported(qkv, D):
+        lk = _cuda_kernels(qkv)
+        if lk is not None and (step.mode != "rows" or T == 1) and cache.dtype == qkv.dtype and lk.supported(qkv, D):
             # CUDA: rotary and the cache write in one kernel; decode rows then take split-key attention.
             k_buf, v_buf = cache.buffers(self.layer)
             n = B * T
-            q = layer_kernels.rope_write(
+            q = lk.rope_write(
                 qkv.view(n, -1),
                 step.cos.view(n, -1),
                 step.sin.view(n, -1),
@@ -115,7 +127,7 @@ class SelfAttention(nn.Module):
                 tokens_per_row=T,
             ).view(B, T, H, D)
             if step.mode == "rows":
-                out = layer_kernels.decode_attention(
+                out = lk.decode_attention(
                     q.view(B, H, D), k_buf, v_buf, step.positions.view(B), step.first_row, step.length
                 )
                 return linear(self.dense, out.view(B, 1, H * D))
@@ -189,8 +201,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP's output, plus ``residual`` when given (the block's skip connection, fused where possible)."""
         h = linear(self.dense_h_to_4h, x)  # [B, T, 2 * ffn]: gate rows first, then up rows
-        if layer_kernels.elementwise_supported(h):
-            act = layer_kernels.swiglu(h)
+        lk = _cuda_kernels(h)
+        if lk is not None and lk.elementwise_supported(h):
+            act = lk.swiglu(h)
         else:
             act = kernels.on_device(kernels.swiglu, h)(h)
         return linear(self.dense_4h_to_h, act, residual)

@@ -253,6 +253,7 @@ class QuantLinear(nn.Module):
     weight_scale: Tensor
     weight_zero: Tensor | None
     bias: Tensor | None
+    adds_residual = True  # forward(x, residual) adds it (in the GEMV kernel on CUDA): glmrun.model.linear
 
     def __init__(
         self,

@@ -135,18 +135,18 @@ def build_candidates(
 
 
 def _candidate_kernels(group: int, dtype: torch.dtype, k: int) -> list[Candidate]:
-    """One-row kernels not (yet) in glmrun: a Triton float16 GEMV and an INT8 GEMV with plain casts."""
-    from gemv_candidates import half_gemv, q8_direct_gemv  # benchmarks/ is on sys.path when run as a script
+    """glmrun's float16 one-row GEMV at several settings, and an INT8 GEMV with plain casts (not in glmrun)."""
+    from gemv_candidates import q8_direct_gemv  # benchmarks/ is on sys.path when run as a script
+
+    from glmrun.layer_kernels import half_gemv
 
     out: list[Candidate] = []
-    for bn, bk, sk, nw in itertools.product((2, 4, 8), (512, 1024), (1, 2), (4, 8)):
+    for bn, bk, nw in itertools.product((2, 4, 8), (512, 1024), (4, 8)):
 
-        def hcall(s: State, x: Tensor, bn: int = bn, bk: int = bk, sk: int = sk, nw: int = nw) -> Tensor:
-            return half_gemv(x, s[0], bn, bk, sk, nw)
+        def hcall(s: State, x: Tensor, bn: int = bn, bk: int = bk, nw: int = nw) -> Tensor:
+            return half_gemv(x, s[0], None, block_n=bn, block_k=bk, num_warps=nw)
 
-        out.append(
-            Candidate("fp16_tgemv*", lambda w: ((w.to(dtype),), w.float()), hcall, f"bn={bn} bk={bk} sk={sk} w={nw}")
-        )
+        out.append(Candidate("fp16_tgemv*", lambda w: ((w.to(dtype),), w.float()), hcall, f"bn={bn} bk={bk} w={nw}"))
     for bn, bk, sk, nw in itertools.product((4, 8), (128, 256, 512), (1, 2), (4, 8)):
         if k % bk or not (group % bk == 0 or bk % group == 0):
             continue

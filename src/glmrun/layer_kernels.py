@@ -76,7 +76,16 @@ def gemv_supported(x: Tensor, weight: Tensor, interpret_ok: bool = False) -> boo
     return (x.is_cuda and weight.is_cuda) or interpret_ok
 
 
-def half_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
+def half_gemv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None = None,
+    *,
+    block_n: int = _GEMV_BLOCK_N,
+    block_k: int = _GEMV_BLOCK_K,
+    num_warps: int = 4,
+) -> Tensor:
     """One row times a float16/bfloat16 matrix: ``x [..., K] @ weight[N, K].T (+ bias) (+ residual)`` -> ``[..., N]``.
 
     ``residual`` (``[..., N]``, one row) is added in the same kernel: a block's residual connection.
@@ -97,7 +106,7 @@ def half_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor |
     if res is not None and res.stride(0) != 1:
         res = res.contiguous()
     with launch_device(x1):
-        _half_gemv_kernel[(triton.cdiv(n, _GEMV_BLOCK_N),)](
+        _half_gemv_kernel[(triton.cdiv(n, block_n),)](
             x1,
             weight,
             bias if bias is not None else weight,  # unused without a bias
@@ -108,9 +117,9 @@ def half_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor |
             weight.stride(0),
             HAS_BIAS=bias is not None,
             HAS_RES=res is not None,
-            BLOCK_N=_GEMV_BLOCK_N,
-            BLOCK_K=_GEMV_BLOCK_K,
-            num_warps=4,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
         )
     return y.view(*x.shape[:-1], n)
 

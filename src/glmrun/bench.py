@@ -20,6 +20,7 @@ import torch
 
 from .cache import KVCache
 from .config import ModelConfig
+from .cpu_decode import CpuDecoder, cpu_decoder_supported
 from .errors import InvalidArgumentError
 from .fastpath import GraphDecoder, graphs_supported
 from .model import ChatGLMForCausalLM
@@ -100,7 +101,11 @@ def time_glmrun(
         dtype=model.transformer.embedding.word_embeddings.weight.dtype,
         devices=model.layer_devices(),
     )
-    decoder = GraphDecoder(model, cache) if graphs and graphs_supported(model) else None
+    decoder: GraphDecoder | CpuDecoder | None = None
+    if graphs and graphs_supported(model):
+        decoder = GraphDecoder(model, cache)
+    elif graphs and batch == 1 and cache.dtype == torch.float32 and cpu_decoder_supported(model):
+        decoder = CpuDecoder(model, cache)  # what the engine decodes one CPU session with
 
     def one_run() -> tuple[float, float, float, list[int]]:
         t0 = time.perf_counter()
@@ -178,7 +183,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="prompt tokens per forward (default 2048); larger is faster where memory allows: a 32K prompt "
         "in one piece (32768) took 1.06 s on an H100 against 1.40 s in chunks of 2048, at 17.8 GB instead of 13.8",
     )
-    p.add_argument("--no-graphs", action="store_true", help="disable CUDA graphs (plain decode path)")
+    p.add_argument(
+        "--no-graphs", action="store_true", help="disable CUDA graphs and the CPU decoder (plain decode path)"
+    )
     p.add_argument(
         "--baseline",
         choices=["hf", "hf-prefill"],
@@ -288,6 +295,11 @@ def run(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "prefill_chunk": args.prefill_chunk,
         "cuda_graphs": not args.no_graphs and graphs_supported(model),
+        "cpu_decoder": not args.no_graphs
+        and args.batch == 1
+        and not graphs_supported(model)
+        and model.compute_dtype == torch.float32
+        and cpu_decoder_supported(model),
         "glmrun": {k: v for k, v in asdict(stats).items() if k != "tokens"},
         "greedy_tokens": stats.tokens[:64],  # row 0: to check that other paths (no graphs, 2 GPUs) agree
     }

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
+from .cpu_decode import CpuDecoder, cpu_decoder_supported
 from .errors import ContextOverflowError, InvalidArgumentError
 from .fastpath import GraphDecoder, graphs_supported
 from .memory import raise_friendly_oom
@@ -99,6 +100,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.use_cuda_graphs = True
         self._graph: GraphDecoder | None = None  # bound to the cache of the session decoding now
+        self.use_cpu_decoder = True
+        self._cpu: CpuDecoder | None = None  # likewise, on the CPU
         self.lock = threading.Lock()  # one generation at a time per Engine; the scheduler batches instead
 
     @property
@@ -134,6 +137,8 @@ class Engine:
         if cache is not None:
             if self._graph is not None and self._graph.cache is cache:
                 self._graph = None
+            if self._cpu is not None and self._cpu.cache is cache:
+                self._cpu = None
             cache.free()
         session.cache = new
         return new
@@ -166,13 +171,26 @@ class Engine:
             self._graph = GraphDecoder(self.model, cache)
         return self._graph
 
+    def cpu_decoder(self, cache: KVCache) -> CpuDecoder | None:
+        """The CPU decoder for ``cache``, when the whole model runs float32 arithmetic on the CPU (else None)."""
+        if not self.use_cpu_decoder:
+            return None
+        if self._cpu is not None and self._cpu.cache is cache:
+            return self._cpu
+        if self._device().type != "cpu" or cache.rows != 1 or cache.dtype != torch.float32:
+            return None
+        if not cpu_decoder_supported(self.model):
+            return None
+        self._cpu = CpuDecoder(self.model, cache)
+        return self._cpu
+
     def decode_step(self, session: Session, token: int) -> torch.Tensor:
         cache = session.cache
         assert cache is not None
         dev = self._device()
         pos = len(session.tokens)
         tokens, positions = torch.tensor([[token]], device=dev), torch.tensor([[pos]], device=dev)
-        decoder = self.graph_decoder(cache)
+        decoder = self.cpu_decoder(cache) or self.graph_decoder(cache)
         if decoder is not None:
             logits = decoder.step(tokens, positions, pos + 1)
         else:

@@ -10,6 +10,7 @@ for s in $stages; do
   echo "=== $s"
   case $s in
     fp16)        $b --dtype float16 --prompt-len 2048 --gen-len 128 --prefill-chunk 512 --baseline hf --json "$out/fp16_2k.json" ;;
+    fp16_c2048)  $b --dtype float16 --prompt-len 2048 --gen-len 128 --prefill-chunk 2048 --baseline hf --json "$out/fp16_2k_chunk2048.json" ;;
     fp16nograph) $b --dtype float16 --prompt-len 2048 --gen-len 64 --prefill-chunk 512 --no-graphs --json "$out/fp16_2k_nographs.json" ;;
     prefill32k)  $b --dtype float16 --prompt-len 32768 --gen-len 8 --prefill-chunk 32768 --baseline hf-prefill --json "$out/fp16_prefill32k.json" ;;
     prefill32k_c4096) $b --dtype float16 --prompt-len 32768 --gen-len 8 --prefill-chunk 4096 --json "$out/fp16_prefill32k_chunk4096.json" ;;

@@ -24,13 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import launch_device
-
-try:  # Triton ships with CUDA builds of torch; CPU installs do not have it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-    tl = None
+from .triton_import import tl, triton
 
 __all__ = [
     "KernelConfig",

@@ -47,27 +47,26 @@ _SWIGLU_BLOCK = 1024
 _GEMV_BLOCK_N, _GEMV_BLOCK_K = 2, 1024  # the best single setting over ChatGLM2-6B's four shapes (sweep above)
 
 
+def _half_on_gpu(t: Tensor, interpret_ok: bool) -> bool:
+    """Triton present and ``t`` float16/bfloat16 on CUDA (or anywhere, under Triton's interpreter in tests)."""
+    return triton is not None and t.dtype in (torch.float16, torch.bfloat16) and (t.is_cuda or interpret_ok)
+
+
 def supported(q: Tensor, head_dim: int, interpret_ok: bool = False) -> bool:
-    """Whether the fused kernels serve this step (else the caller's plain path does)."""
-    if triton is None or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        return False
-    return q.is_cuda or interpret_ok
+    """Whether the rotary / cache-write and attention kernels serve this step (else the plain path does)."""
+    return _half_on_gpu(q, interpret_ok) and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
 def elementwise_supported(t: Tensor, interpret_ok: bool = False) -> bool:
     """Whether :func:`swiglu` serves ``t``: float16/bfloat16 on CUDA."""
-    return triton is not None and t.dtype in (torch.float16, torch.bfloat16) and (t.is_cuda or interpret_ok)
+    return _half_on_gpu(t, interpret_ok)
 
 
 def gemv_supported(x: Tensor, weight: Tensor, interpret_ok: bool = False) -> bool:
     """Whether :func:`half_gemv` serves ``x @ weight.T``: one row, float16/bfloat16, on CUDA."""
-    if triton is None or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+    if not _half_on_gpu(x, interpret_ok) or weight.dtype != x.dtype or not (weight.is_cuda or interpret_ok):
         return False
-    if x.numel() != x.shape[-1] or weight.dim() != 2 or weight.stride(1) != 1:
-        return False
-    return (x.is_cuda and weight.is_cuda) or interpret_ok
+    return x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(1) == 1
 
 
 def half_gemv(
@@ -138,7 +137,7 @@ def split_plan(length: int, programs_per_slice: int) -> tuple[int, int]:
 
     Enough slices to give ~``_TARGET_PROGRAMS`` programs, each a whole number of ``_BLOCK_L`` blocks.
     """
-    blocks = triton.cdiv(length, _BLOCK_L) if triton is not None else -(-length // _BLOCK_L)
+    blocks = -(-length // _BLOCK_L)
     want = max(1, -(-_TARGET_PROGRAMS // max(1, programs_per_slice)))
     per_slice = max(1, -(-blocks // want))  # blocks per slice
     slices = -(-blocks // per_slice)
@@ -216,6 +215,7 @@ def decode_attention(
     m = torch.empty((B * K, slices, GP), dtype=torch.float32, device=q.device)
     s = torch.empty_like(m)
     acc = torch.empty((B * K, slices, GP, D), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
     with launch_device(q):
         _attention_slices_kernel[(B * K, slices)](
             q,
@@ -238,8 +238,6 @@ def decode_attention(
             BLOCK_L=_BLOCK_L,
             SLICES=slices,
         )
-    out = torch.empty_like(q)
-    with launch_device(out):
         _merge_slices_kernel[(B * K, G)](
             m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=min(64, triton.next_power_of_2(slices))
         )

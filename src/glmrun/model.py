@@ -13,6 +13,7 @@ The model never samples, prints, picks devices or reads files; layers may sit on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from types import ModuleType
 from typing import cast
 
@@ -88,7 +89,26 @@ class StepInputs:
     length: int  # keys 0..length-1 exist for this step
     first_row: int  # the batch uses cache rows first_row..first_row+B-1
     mode: str  # "causal" (fresh prompt), "chunk" (later prompt chunk, one row) or "rows" (decode)
-    mask: torch.Tensor | None  # "rows" mode: [B, 1, g*T, L] additive (0 / -inf), None when every key is visible
+    masked: bool  # mask keys by position even for one row (CUDA graphs replay with a padded length)
+    group: int  # query heads per KV head
+    dtype: torch.dtype  # the compute dtype (the mask's)
+
+    @cached_property
+    def mask(self) -> torch.Tensor | None:
+        """ "rows" mode: [B, 1, g*T, L] additive (0 / -inf), None when every key is visible.
+
+        Built on first use, once per step: the plain decode path reads it in every layer, the CUDA
+        decode kernels never (they read each row's position).
+        """
+        B, T = self.positions.shape
+        if self.mode != "rows" or not (self.masked or B > 1 or T > 1):
+            return None
+        g, length = self.group, self.length
+        visible = torch.arange(length, device=self.positions.device)[None, None, :] <= self.positions[:, :, None]
+        visible = visible[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
+        # additive, in the compute dtype: SDPA need not convert a boolean mask in every layer
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.positions.device)
+        return mask.masked_fill_(~visible, float("-inf"))
 
 
 class SelfAttention(nn.Module):
@@ -131,21 +151,17 @@ class SelfAttention(nn.Module):
                     q.view(B, H, D), k_buf, v_buf, step.positions.view(B), step.first_row, step.length
                 )
                 return linear(self.dense, out.view(B, 1, H * D))
-            if step.mode == "causal":
-                keys, values = cache.view(self.layer, B, T, step.first_row)  # [B, K, T, D]
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=K != H)
-                return self.dense(out.transpose(1, 2).reshape(B, T, H * D))
+            own = cache.view(self.layer, B, T, step.first_row)  # [B, K, T, D]: a fresh prompt's keys and values
         else:
             qk = apply_rotary(qkv[..., : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)  # q and k at once
             q, k = qk.split((H, K), dim=2)  # [B, T, H, D], [B, T, K, D]
             v = qkv[..., (H + K) * D :].view(B, T, K, D)
             cache.write(self.layer, step.positions, k, v, step.first_row)
-            if step.mode == "causal":
-                # A fresh prompt in one piece: causal attention over its own keys (flash / cuDNN kernels).
-                out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=K != H
-                )  # [B, H, T, D]
-                return self.dense(out.transpose(1, 2).reshape(B, T, H * D))
+            own = k.transpose(1, 2), v.transpose(1, 2)
+        if step.mode == "causal":
+            # A fresh prompt in one piece: causal attention over its own keys (flash / cuDNN kernels).
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), *own, is_causal=True, enable_gqa=K != H)
+            return self.dense(out.transpose(1, 2).reshape(B, T, H * D))  # out: [B, H, T, D]
         keys, values = cache.view(self.layer, B, step.length, step.first_row)  # [B, K, L, D]
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         if step.mode == "chunk":
@@ -294,16 +310,8 @@ class ChatGLMForCausalLM(nn.Module):
 
     def _step_inputs(self, positions: torch.Tensor, length: int, first_row: int, mode: str, masked: bool) -> StepInputs:
         cos, sin = rotary_tables(self.config, positions)
-        mask = None
-        B, T = positions.shape
-        if mode == "rows" and (masked or B > 1 or T > 1):
-            g = self.config.num_attention_heads // self.config.num_kv_heads
-            visible = torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None]
-            visible = visible[:, None, None].expand(B, 1, g, T, length).reshape(B, 1, g * T, length)
-            # additive, in the compute dtype: SDPA need not convert a boolean mask in every layer
-            mask = torch.zeros(visible.shape, dtype=self.compute_dtype, device=positions.device)
-            mask.masked_fill_(~visible, float("-inf"))
-        return StepInputs(positions, cos, sin, length, first_row, mode, mask)
+        group = self.config.num_attention_heads // self.config.num_kv_heads
+        return StepInputs(positions, cos, sin, length, first_row, mode, masked, group, self.compute_dtype)
 
     def forward(
         self,

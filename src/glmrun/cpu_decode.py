@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .cpu_linear import BlockedCopy, HalfPacked, HalfWeightLinear, PackedLinear
+from .cpu_linear import HalfPacked, HalfWeightLinear, PackedLinear
 from .model import ChatGLMForCausalLM, rotary_tables
 
 __all__ = ["CpuDecoder", "cpu_decoder_supported"]
@@ -96,16 +96,7 @@ class CpuDecoder:
             raise ValueError(f"the CPU decoder needs a one-row float32 cache, got {cache.rows} rows of {cache.dtype}")
         self.layers = [_Layer(model, i) for i in range(c.num_layers)]
         self.final_norm = model.transformer.encoder.final_layernorm
-        emb = model.transformer.embedding.word_embeddings
-        self.embedding = emb
-        if not c.tie_word_embeddings:
-            self.head: Product = _product(model.transformer.output_layer)
-        elif isinstance(model.fast_head, HalfPacked):
-            self.head = _half_product(model.fast_head, emb)
-        else:
-            if model.fast_head is not None and not isinstance(model.fast_head, BlockedCopy):
-                raise TypeError(f"unexpected output copy {type(model.fast_head).__name__}")
-            self.head = lambda x: F.linear(x, emb.weight)
+        self.embedding = model.transformer.embedding.word_embeddings
         # Where each rotary coefficient of the rotation matrix goes (see rotation), fixed for the model.
         D, half = self.head_dim, c.rotary_dim // 2
         even = torch.arange(half) * 2
@@ -144,7 +135,7 @@ class CpuDecoder:
             x.add_(layer.dense(out.view(1, H * D)))
             gate, up = layer.up(_rms_norm(x, x1, layer.norm2.weight, eps, n)).split(f, dim=1)  # [1, ffn] each
             x.add_(layer.down(F.silu(gate).mul_(up)))
-        return self.head(_rms_norm(x, x1, self.final_norm.weight, eps, n)).float()  # [1, V]
+        return self.model.project(_rms_norm(x, x1, self.final_norm.weight, eps, n))  # [1, V] float32, once a step
 
 
 def _rms_norm(x: torch.Tensor, x1: torch.Tensor, weight: torch.Tensor, eps: float, n: int) -> torch.Tensor:

@@ -40,6 +40,7 @@ class RunStats:
     peak_reserved_gb: dict[str, float] = field(default_factory=dict)
     warmup_s: float = 0.0
     tokens: list[int] = field(default_factory=list)  # row 0's greedy tokens (to compare paths)
+    decoder: str = "plain"  # what ran the decode steps: "cuda_graphs", "cpu_decoder" or "plain"
 
 
 def _sync(device: torch.device) -> None:
@@ -158,6 +159,7 @@ def time_glmrun(
         peak_reserved_gb=reserved,
         warmup_s=round(warm, 2),
         tokens=out,
+        decoder="plain" if decoder is None else "cuda_graphs" if isinstance(decoder, GraphDecoder) else "cpu_decoder",
     )
 
 
@@ -294,13 +296,9 @@ def run(args: argparse.Namespace) -> int:
         "gen_len": args.gen_len,
         "batch": args.batch,
         "prefill_chunk": args.prefill_chunk,
-        "cuda_graphs": not args.no_graphs and graphs_supported(model),
-        "cpu_decoder": not args.no_graphs
-        and args.batch == 1
-        and not graphs_supported(model)
-        and model.compute_dtype == torch.float32
-        and cpu_decoder_supported(model),
-        "glmrun": {k: v for k, v in asdict(stats).items() if k != "tokens"},
+        "cuda_graphs": stats.decoder == "cuda_graphs",
+        "cpu_decoder": stats.decoder == "cpu_decoder",
+        "glmrun": {k: v for k, v in asdict(stats).items() if k not in ("tokens", "decoder")},
         "greedy_tokens": stats.tokens[:64],  # row 0: to check that other paths (no graphs, 2 GPUs) agree
     }
     if args.baseline:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["add_rms_norm", "rms_norm", "rotary", "swiglu", "on_device", "launch_device"]
+__all__ = ["rms_norm", "rotary", "swiglu", "on_device", "launch_device"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -25,14 +25,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.float() * xf).to(x.dtype)
-
-
-def add_rms_norm(
-    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual sum ``x + r`` (in the input dtype, as the official block adds) and its RMS norm."""
-    total = x + r
-    return total, rms_norm(total, weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

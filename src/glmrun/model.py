@@ -38,10 +38,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.on_device(kernels.rms_norm, x)(x, self.weight, self.eps)
 
-    def add_forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x + r, norm(x + r))``: the residual add and this norm in one fused kernel on CUDA."""
-        return kernels.on_device(kernels.add_rms_norm, x)(x, r, self.weight, self.eps)
-
 
 def _cuda_kernels(t: torch.Tensor) -> ModuleType | None:
     """:mod:`glmrun.layer_kernels` for a CUDA tensor, else None (imported on first use: it imports Triton,
@@ -53,9 +49,15 @@ def _cuda_kernels(t: torch.Tensor) -> ModuleType | None:
     return layer_kernels
 
 
-def linear(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``layer(x)`` (+ ``residual``); a one-row float product on CUDA takes glmrun's GEMV kernel
-    (layer_kernels.half_gemv), which adds the residual in the same kernel, as a quantized layer's does."""
+def linear(
+    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, norm: RMSNorm | None = None
+) -> torch.Tensor:
+    """``layer(norm(x))`` (+ ``residual``). A one-row float product on CUDA takes glmrun's GEMV kernel
+    (layer_kernels.half_gemv), which adds the residual in the same kernel, as a quantized layer's does.
+    (Fusing the norm into the quantized GEMVs too was measured: their reads of x and the norm weight,
+    repeated by every program, cost more than the norm kernel they saved; `results/h100/README`.)"""
+    if norm is not None:
+        x = norm(x)
     lk = _cuda_kernels(x)
     if lk is not None and isinstance(layer, nn.Linear) and lk.gemv_supported(x, layer.weight):
         return cast(torch.Tensor, lk.half_gemv(x, layer.weight, layer.bias, residual))
@@ -125,10 +127,11 @@ class SelfAttention(nn.Module):
             self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear, device=device, dtype=dtype
         )
 
-    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache, norm: RMSNorm | None = None) -> torch.Tensor:
+        """``x + attention(norm(x))``: the block's first half, with its input norm and skip connection."""
         B, T, _ = x.shape  # x: [B, T, hidden]
         H, K, D = self.heads, self.kv_heads, self.head_dim
-        qkv = linear(self.query_key_value, x)  # [B, T, (H + 2K) * D]
+        qkv = linear(self.query_key_value, x, norm=norm)  # [B, T, (H + 2K) * D]
         lk = _cuda_kernels(qkv)
         if lk is not None and (step.mode != "rows" or T == 1) and cache.dtype == qkv.dtype and lk.supported(qkv, D):
             # CUDA: rotary and the cache write in one kernel; decode rows then take split-key attention.
@@ -150,7 +153,7 @@ class SelfAttention(nn.Module):
                 out = lk.decode_attention(
                     q.view(B, H, D), k_buf, v_buf, step.positions.view(B), step.first_row, step.length
                 )
-                return linear(self.dense, out.view(B, 1, H * D))
+                return linear(self.dense, out.view(B, 1, H * D), x)
             own = cache.view(self.layer, B, T, step.first_row)  # [B, K, T, D]: a fresh prompt's keys and values
         else:
             qk = apply_rotary(qkv[..., : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)  # q and k at once
@@ -161,7 +164,7 @@ class SelfAttention(nn.Module):
         if step.mode == "causal":
             # A fresh prompt in one piece: causal attention over its own keys (flash / cuDNN kernels).
             out = F.scaled_dot_product_attention(q.transpose(1, 2), *own, is_causal=True, enable_gqa=K != H)
-            return self.dense(out.transpose(1, 2).reshape(B, T, H * D))  # out: [B, H, T, D]
+            return linear(self.dense, out.transpose(1, 2).reshape(B, T, H * D), x)  # out: [B, H, T, D]
         keys, values = cache.view(self.layer, B, step.length, step.first_row)  # [B, K, L, D]
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         if step.mode == "chunk":
@@ -172,16 +175,16 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, values, attn_mask=causal_lower_right(T, step.length), enable_gqa=K != H
             )
-            return self.dense(out.transpose(1, 2).reshape(B, T, H * D))
+            return linear(self.dense, out.transpose(1, 2).reshape(B, T, H * D), x)
         # Decode rows: fold the g query heads that share a KV head into the query axis (no KV copies);
         # each row attends to keys at positions <= its own (step.mask, [B, 1, g*T, L]).
         g = H // K
         qf = q.view(B, T, K, g, D).permute(0, 2, 3, 1, 4).reshape(B, K, g * T, D)
         if T == 1:
             out = _decode_attention(qf, keys, values, step.mask)  # [B, K, g, D]
-            return self.dense(out.reshape(B, 1, H * D))
+            return linear(self.dense, out.reshape(B, 1, H * D), x)
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=step.mask)
-        return self.dense(out.view(B, K, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D))
+        return linear(self.dense, out.view(B, K, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D), x)
 
 
 def _decode_attention(
@@ -214,9 +217,12 @@ class MLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(h, 2 * f, bias=config.add_bias_linear, device=device, dtype=dtype)
         self.dense_4h_to_h = nn.Linear(f, h, bias=config.add_bias_linear, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The MLP's output, plus ``residual`` when given (the block's skip connection, fused where possible)."""
-        h = linear(self.dense_h_to_4h, x)  # [B, T, 2 * ffn]: gate rows first, then up rows
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: RMSNorm | None = None
+    ) -> torch.Tensor:
+        """The MLP of ``norm(x)``, plus ``residual`` when given (the block's skip connection), both fused where
+        possible."""
+        h = linear(self.dense_h_to_4h, x, norm=norm)  # [B, T, 2 * ffn]: gate rows first, then up rows
         lk = _cuda_kernels(h)
         if lk is not None and lk.elementwise_supported(h):
             act = lk.swiglu(h)
@@ -235,8 +241,8 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
-        x, h = self.post_attention_layernorm.add_forward(x, self.self_attention(self.input_layernorm(x), step, cache))
-        return self.mlp(h, residual=x)
+        h = self.self_attention(x, step, cache, norm=self.input_layernorm)  # x + attention(norm1(x))
+        return self.mlp(h, residual=h, norm=self.post_attention_layernorm)  # h + mlp(norm2(h))
 
 
 class Embedding(nn.Module):
@@ -375,18 +381,21 @@ class ChatGLMForCausalLM(nn.Module):
     def head(self, x: torch.Tensor, logits: str = "last") -> torch.Tensor:
         """Final norm, then logits as float32: "last" [B, V], "all" [B, T, V]; "none" returns the normed hidden."""
         norm = self.transformer.encoder.final_layernorm
-        x = norm(x.to(norm.weight.device))
         if logits == "none":
-            return x
+            return norm(x.to(norm.weight.device))
         if logits == "last":
-            x = x[:, -1]  # [B, hidden]
-        return self.project(x)
+            x = x[:, -1]  # [B, hidden]: the norm is per position, so only the projected one is normed
+        if norm.weight.device != self.output_device():
+            return self.project(norm(x.to(norm.weight.device)))
+        return self.project(x, norm)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (float32) of final-normed hidden states ``[..., hidden]`` -> ``[..., V]``."""
+    def project(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Logits (float32) of hidden states ``[..., hidden]`` -> ``[..., V]``, final-normed by ``norm`` first when
+        given (a quantized output layer applies it in its one-row kernel)."""
         x = x.to(self.output_device())
         if self.config.tie_word_embeddings:
+            x = x if norm is None else norm(x)
             out = linear_rows(x, self.transformer.embedding.word_embeddings.weight, None, self.fast_head)
         else:
-            out = linear(self.transformer.output_layer, x)
+            out = linear(self.transformer.output_layer, x, norm=norm)
         return out.float()  # [B, V] or [B, T, V]

@@ -30,7 +30,6 @@ import itertools
 import json
 import math
 import platform
-import statistics
 import time
 from typing import Any
 
@@ -38,42 +37,15 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from quant_kernels_gpu import graph_time
 from torch import Tensor
 
 from glmrun.quant import dequantize, quantize_int4, quantize_int8
-from glmrun.quant_kernels import triton_config_for, triton_quant_matmul
+from glmrun.quant_kernels import _INT4_HALF2, triton_config_for, triton_quant_matmul  # INT4's PTX: glmrun's own
 
 SHAPES = [(4096, 4608), (4096, 4096), (4096, 27392), (13696, 4096)]  # [in, out] of ChatGLM2-6B's linears
 NUM_LAYERS = 28
 GROUP = 128
-
-_INT4_HALF2 = """
-{
-.reg .b32 t0, t1, t2, t3, w8, acc, k1, k2, k3;
-.reg .b16 lo, hi;
-.reg .f32 f0, f1;
-mov.b32 k1, 0x64086408;
-mov.b32 k2, 0x2C002C00;
-mov.b32 k3, 0xD480D480;
-lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
-shr.u32 w8, $1, 8;
-lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
-sub.rn.f16x2 t0, t0, k1;
-fma.rn.f16x2 t1, t1, k2, k3;
-sub.rn.f16x2 t2, t2, k1;
-fma.rn.f16x2 t3, t3, k2, k3;
-mul.rn.f16x2 acc, t0, $2;
-fma.rn.f16x2 acc, t1, $3, acc;
-fma.rn.f16x2 acc, t2, $4, acc;
-fma.rn.f16x2 acc, t3, $5, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 f0, lo;
-cvt.f32.f16 f1, hi;
-add.f32 $0, f0, f1;
-}
-"""
 
 _INT8_HALF2 = """
 {
@@ -97,7 +69,6 @@ add.f32 $0, f0, f1;
 }
 """
 
-_INT4_HALF2_ASM = tl.constexpr(_INT4_HALF2)
 _INT8_HALF2_ASM = tl.constexpr(_INT8_HALF2)
 
 
@@ -184,7 +155,7 @@ def _block_dot(
             xp3, xa3 = _x_pair(x_ptr, kw, k_mask, 3)
             xs_w = xa0 + xa1 + xa2 + xa3
             prod = tl.inline_asm_elementwise(
-                _INT4_HALF2_ASM,
+                _INT4_HALF2,
                 "=r,r,r,r,r,r",
                 [w, xp0[None, :], xp1[None, :], xp2[None, :], xp3[None, :]],
                 dtype=tl.float32,
@@ -325,26 +296,7 @@ def graph_us(call: Any, states: list[tuple[Tensor, ...]], reps: int = 15) -> flo
 
     loop()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        loop()
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        loop()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+    return graph_time(loop, calls, reps)
 
 
 def main() -> None:

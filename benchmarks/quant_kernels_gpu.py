@@ -244,6 +244,21 @@ def _median_per_call(run_loop: Callable[[], None], calls: int, reps: int) -> flo
     return statistics.median(times)
 
 
+def graph_time(loop: Callable[[], None], calls: int, reps: int) -> float:
+    """Microseconds per call of ``loop`` (``calls`` calls) captured once in a CUDA graph and replayed."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        loop()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        loop()
+    graph.replay()
+    torch.cuda.synchronize()
+    return _median_per_call(graph.replay, calls, reps)
+
+
 def time_candidate(cand: Candidate, state: State, x: Tensor, copies: int, reps: int) -> tuple[float | None, float, str]:
     states = [state] + [tuple(t.clone() for t in state) for _ in range(copies - 1)]
     calls = max(copies, 8)
@@ -259,17 +274,7 @@ def time_candidate(cand: Candidate, state: State, x: Tensor, copies: int, reps: 
     note = ""
     graph_us: float | None = None
     try:
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            loop()
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            loop()
-        graph.replay()
-        torch.cuda.synchronize()
-        graph_us = _median_per_call(graph.replay, calls, reps)
+        graph_us = graph_time(loop, calls, reps)
     except Exception as exc:  # noqa: BLE001 - report and keep the eager number
         note = f"graph capture failed: {str(exc).splitlines()[0][:120]}"
     return graph_us, eager, note

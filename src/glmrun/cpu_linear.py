@@ -166,6 +166,10 @@ class Int4Weight:
         """Whether the kernel takes a matrix of this shape and group size."""
         return out_features % 16 == 0 and group in _INT4_GROUPS and in_features % group == 0
 
+    def kernel_args(self) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """``(packed, group, scale_zero)``: what ``_weight_int4pack_mm_for_cpu`` takes after the rows."""
+        return self.packed, self.group, self.scale_zero
+
     def follows(self, weight: torch.Tensor) -> bool:
         """Whether ``weight`` is still the matrix this pack was made for."""
         return _key_of(weight) == self._key
@@ -173,7 +177,7 @@ class Int4Weight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` (rounded to bfloat16) times the matrix, ``[..., out]`` in ``x``'s dtype."""
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scale_zero)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, *self.kernel_args())
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 

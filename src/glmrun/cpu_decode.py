@@ -139,6 +139,8 @@ class CpuDecoder:
         self.eps = c.layernorm_epsilon
         if cache.rows != 1 or cache.dtype != torch.float32:
             raise ValueError(f"the CPU decoder needs a one-row float32 cache, got {cache.rows} rows of {cache.dtype}")
+        if not all(t.is_contiguous() and t.storage_offset() == 0 for t in (*cache.k, *cache.v)):
+            raise ValueError("the CPU decoder reads the cache through strided views: it needs KVCache's own buffers")
         self.layers = [_Layer(model, i, int4) for i in range(c.num_layers)]
         self._int4_matrices = [m for layer in self.layers for m in layer.int4_matrices]
         self.final_norm = model.transformer.encoder.final_layernorm

@@ -115,6 +115,10 @@ def main() -> int:
             "python": platform.python_version(),
         },
         "model": os.path.basename(gguf),
+        "glmrun_decoder": {
+            "decoder": glm_runs[0].decoder,
+            "int4_products": glm_runs[0].int4_products,  # of 120: layer products from the file's Q4_1 codes
+        },
         "baseline": f"llama-cpp-python {version}",
         "decode_tok_s": {
             "glmrun": round(glm_decode, 2),

@@ -22,6 +22,7 @@ def test_bench_records_its_run_and_chunking_does_not_change_the_tokens(tmp_path)
     assert chunked["prefill_chunk"] == 5 and chunked["prompt_len"] == 16 and chunked["gen_len"] == 4
     assert chunked["environment"]["card"] == "cpu" and "torch" in chunked["environment"]
     assert chunked["cpu_decoder"] is True and chunked["cuda_graphs"] is False  # float32 on the CPU, one row
+    assert chunked["cpu_int4_products"] == 0  # random weights: no file blocks to take int4 packs from
     assert chunked["command"].startswith("glmrun bench --preset tiny")
     g = chunked["glmrun"]
     assert g["decode_tok_s"] > 0 and g["prefill_tok_s"] > 0 and g["ttft_s"] > 0

@@ -27,12 +27,15 @@ from glmrun.errors import (
 )
 from glmrun.gguf_file import (
     KNOWN_IGNORED,
+    Q4Blocks,
     dequantize_blocks,
     gguf_config,
     gguf_tensor_types,
     is_known_ignored,
+    iter_gguf_q4,
     iter_gguf_tensors,
     load_gguf_config,
+    q4_blocks,
 )
 from glmrun.gguf_index import GGUFIndex
 from glmrun.gguf_meta import EMBEDDED_INSTALL_HINT, embedded_gguf_path, open_gguf, read_gguf_metadata
@@ -468,3 +471,56 @@ def test_torch_dequantization_of_the_embedded_file(smollm2: GGUFIndex) -> None:
             theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(-1)
             assert torch.equal(dequantize_blocks(tensor.data, tensor.tensor_type), torch.from_numpy(theirs))
     assert seen == {GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1}
+
+
+# The file's own 4-bit blocks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
+def test_q4_blocks_are_the_dequantized_values(qtype: GGMLQuantizationType) -> None:
+    values = np.random.default_rng(int(qtype)).standard_normal((6, 96)).astype(np.float32) * 0.1 + 0.03
+    data = gguf.quants.quantize(values, qtype)
+    blocks = q4_blocks(data, qtype, (6, 96))
+    assert blocks.codes.dtype == torch.uint8 and blocks.codes.shape == (6, 96) and int(blocks.codes.max()) <= 15
+    assert blocks.scale.shape == blocks.low.shape == (6, 3)
+    assert len(blocks.codes.unique()) == 16  # every code occurs: the nibble order is tested on all of them
+    assert torch.equal(blocks.dequantize(), dequantize_blocks(data, qtype).view(6, 96))
+    if qtype == GGMLQuantizationType.Q4_0:
+        assert torch.equal(blocks.low, -8 * blocks.scale)  # (q - 8) d
+
+
+def test_q4_blocks_refuses_other_types() -> None:
+    data = gguf.quants.quantize(np.ones((1, 32), dtype=np.float32), GGMLQuantizationType.Q8_0)
+    with pytest.raises(InvalidArgumentError, match="Q8_0"):
+        q4_blocks(data, GGMLQuantizationType.Q8_0, (1, 32))
+
+
+def test_q4_of_the_embedded_file_is_its_stream(
+    smollm2: GGUFIndex, smollm2_config: ModelConfig, smollm2_stream: dict
+) -> None:
+    q4 = dict(iter_gguf_q4(smollm2, smollm2_config))
+    shapes = smollm2_stream["shapes"]
+    matrices = [n for n in shapes if n.startswith("transformer.encoder.layers.") and len(shapes[n]) == 2]
+    assert sorted(q4) == sorted(matrices) and len(q4) == 4 * 30  # every layer matrix of the file is Q4_1
+    for name, blocks in q4.items():
+        assert isinstance(blocks, Q4Blocks) and tuple(blocks.codes.shape) == shapes[name]
+        if name.startswith(LAYER0):
+            assert torch.equal(blocks.dequantize(), smollm2_stream["kept"][name])
+    only = dict(iter_gguf_q4(smollm2, smollm2_config, layers=[3]))
+    assert sorted(only) == sorted(n for n in q4 if n.startswith("transformer.encoder.layers.3."))
+
+
+def test_q4_skips_matrices_with_other_pieces(tmp_path: Path) -> None:
+    arrays = tiny_tensors()
+    q4_0, q4_1 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1
+    quantize = {f"blk.0.{p}.weight": q4_1 for p in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")}
+    quantize["blk.0.attn_v.weight"] = GGMLQuantizationType.Q8_0  # q/k/v has a Q8_0 piece: left out
+    quantize["blk.0.ffn_down.weight"] = q4_0
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_metadata(), arrays, quantize=quantize)
+    config = load_gguf_config(path)
+    floats = dict(iter_gguf_tensors(path, config))
+    q4 = dict(iter_gguf_q4(path, config))
+    suffixes = ("self_attention.dense.weight", "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")
+    assert sorted(q4) == sorted(LAYER0 + s for s in suffixes)
+    for name, blocks in q4.items():  # fused gate/up rows included, Q4_0 and Q4_1 alike
+        assert torch.equal(blocks.dequantize(), floats[name])

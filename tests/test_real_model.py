@@ -69,12 +69,13 @@ def test_cpu_float32_load_blocks_the_matrices_for_multi_row_products(glm):
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 4 * model.config.num_layers  # qkv, attention output, gate/up, down
     assert isinstance(model.fast_head, BlockedCopy)  # SmolLM2 ties its output matrix to the embedding
+    assert not any(hasattr(m, "int4") for m in model.modules())  # float32 asked for: no int4 packs either
 
 
 def test_default_cpu_dtype_is_float16_matrices_with_float32_arithmetic(glm):
     """The default on an x86 CPU: float16 matrices (fbgemm) -- logits still near transformers' float32
     ones, and the answers unchanged in substance."""
-    from glmrun.cpu_linear import HalfPacked, HalfWeightLinear, half_weights_supported
+    from glmrun.cpu_linear import HalfPacked, HalfWeightLinear, half_weights_supported, int4_supported
 
     if not half_weights_supported():
         pytest.skip("no fbgemm float16 products on this CPU")
@@ -84,6 +85,8 @@ def test_default_cpu_dtype_is_float16_matrices_with_float32_arithmetic(glm):
         assert len(layers) == 4 * model.config.num_layers
         assert all(m.weight.dtype == torch.float16 for m in layers)
         assert isinstance(model.fast_head, HalfPacked) and model.compute_dtype == torch.float32
+        if int4_supported():  # and the file's Q4_1 blocks for the CPU decoder, each standing for its matrix
+            assert all(m.int4.follows(m.weight) for m in layers)
         ids = glm.tokenizer.encode(planted_document()[:1500])
         logits = []
         for m in (glm.engine.model, model):

@@ -41,6 +41,7 @@ class RunStats:
     warmup_s: float = 0.0
     tokens: list[int] = field(default_factory=list)  # row 0's greedy tokens (to compare paths)
     decoder: str = "plain"  # what ran the decode steps: "cuda_graphs", "cpu_decoder" or "plain"
+    int4_products: int = 0  # layer products the CPU decoder took from int4 packs (a GGUF file's 4-bit blocks)
 
 
 def _sync(device: torch.device) -> None:
@@ -160,6 +161,9 @@ def time_glmrun(
         warmup_s=round(warm, 2),
         tokens=out,
         decoder="plain" if decoder is None else "cuda_graphs" if isinstance(decoder, GraphDecoder) else "cpu_decoder",
+        int4_products=sum(len(layer.int4_matrices) for layer in decoder.layers)
+        if isinstance(decoder, CpuDecoder)
+        else 0,
     )
 
 
@@ -298,7 +302,8 @@ def run(args: argparse.Namespace) -> int:
         "prefill_chunk": args.prefill_chunk,
         "cuda_graphs": stats.decoder == "cuda_graphs",
         "cpu_decoder": stats.decoder == "cpu_decoder",
-        "glmrun": {k: v for k, v in asdict(stats).items() if k not in ("tokens", "decoder")},
+        "cpu_int4_products": stats.int4_products,
+        "glmrun": {k: v for k, v in asdict(stats).items() if k not in ("tokens", "decoder", "int4_products")},
         "greedy_tokens": stats.tokens[:64],  # row 0: to check that other paths (no graphs, 2 GPUs) agree
     }
     if args.baseline:

@@ -1,21 +1,30 @@
-"""Multi-row matrix products on the CPU from oneDNN-blocked copies of the float32 weights.
+"""Faster copies of CPU matrices: oneDNN-blocked float32, fbgemm float16, int4 packs of a file's 4-bit blocks.
 
 torch's CPU ``F.linear`` goes to the BLAS, which re-packs the whole weight matrix on every call: with a
 few rows (batched decode steps of the server, prompt chunks) that packing, not arithmetic, is most of
-the time. Measured on this project's 2-core AMD EPYC machines, one thread, the SmolLM2-135M matrices:
-8 rows 180 ms dense vs 112 ms blocked, 2 rows 92 vs 64 ms, 64 rows 610 vs 511 ms. One row is faster
-dense (51 vs 58 ms), so single-row calls keep using the original matrix and both copies are kept.
+the time (:class:`BlockedCopy`). Measured on this project's 2-core AMD EPYC machines, one thread, the
+SmolLM2-135M matrices: 8 rows 180 ms dense vs 112 ms blocked, 2 rows 92 vs 64 ms, 64 rows 610 vs 511 ms.
+One row is faster dense (51 vs 58 ms), so single-row calls keep using the original matrix and both
+copies are kept.
 
 That doubles the memory of the matrices, so :func:`pack_cpu_linears_` only packs when the copies take
 under a quarter of the memory available now (the 135M default model: +0.5 GB; a 6B model in float32:
 not packed). The numbers differ from the dense path in the last bits (~1e-5 relative), as BLAS
 results already do between different row counts.
+
+``dtype="float16"`` (the x86 default) keeps float16 matrices that fbgemm multiplies in float32
+(:class:`HalfPacked`). A GGUF file's Q4_0/Q4_1 layer matrices also get an :class:`Int4Weight`: the
+file's 4-bit codes packed for torch's CPU int4 kernel, which the one-row decoder
+(:mod:`glmrun.cpu_decode`) uses. SmolLM2-135M's 120 layer products, each matrix read once as in a
+decode step, 2 threads: one row 15.6 ms int4 vs 22.8 ms fbgemm float16; the int4 kernel's arithmetic
+grows with the rows (2 rows 19.7 vs 23.5, 4 rows 31.3 vs 28.5, 64 rows 470 vs 282 ms), so prompt
+chunks and batched steps keep the float16 copies.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -26,12 +35,15 @@ __all__ = [
     "BlockedCopy",
     "HalfPacked",
     "HalfWeightLinear",
+    "Int4Weight",
     "PackedLinear",
+    "attach_int4_",
     "blocked_supported",
     "half_weights_supported",
     "half_weights_",
     "half_weights_for",
     "half_weights_model_",
+    "int4_supported",
     "pack_cpu_linears_",
     "pack_model_",
     "linear_rows",
@@ -107,6 +119,89 @@ class HalfPacked(_FollowingCopy):
             return None
         out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), self._current(weight, bias))
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def int4_supported() -> bool:
+    """torch's CPU int4 product (``_weight_int4pack_mm_for_cpu``: bfloat16 activations, int4 weights)."""
+    aten = torch.ops.aten
+    return hasattr(aten, "_weight_int4pack_mm_for_cpu") and hasattr(aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+_INT4_GROUPS = (32, 64, 128, 256)  # group sizes the CPU int4 kernel accepts
+
+
+class Int4Weight:
+    """A matrix on a 4-bit grid per group of columns (a GGUF file's Q4_0/Q4_1 blocks, see
+    :class:`glmrun.gguf_file.Q4Blocks`) packed for torch's CPU int4 product.
+
+    ``w = codes * scale + low`` becomes the kernel's ``(codes - 8) * scale + zero`` with
+    ``zero = low + 8 * scale``; the kernel wants scale and zero in bfloat16, so each weight moves by at
+    most ``(8 |scale| + |zero|) * 2**-8`` (half a bfloat16 step of each; ``zero`` is small where
+    ``low ~ -8 scale``, as in a block centred on zero). The codes themselves are kept as the file has
+    them. Products take bfloat16 rows and return bfloat16 (:meth:`linear` casts around them); the
+    kernel is only fast for bfloat16 activations (float32 ones take a slow fallback, ~20x).
+
+    It stands for one module's matrix: :meth:`follows` says whether that matrix is still the one it was
+    made with (replaced or changed in place, it is not, and the caller takes the matrix's own product).
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, weight: torch.Tensor) -> None:
+        out, cols = codes.shape
+        groups = scale.shape[1]
+        if scale.shape != low.shape or scale.shape[0] != out or cols % groups or cols // groups not in _INT4_GROUPS:
+            raise ValueError(
+                f"codes {tuple(codes.shape)} need scale and low [out, in / group], group in {_INT4_GROUPS}"
+            )
+        if out % 16:
+            raise ValueError(f"the int4 kernel packs rows by 16: {out} rows")
+        self.group = cols // groups
+        self.shape = (out, cols)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        zero = low.float() + 8.0 * scale.float()
+        self.scale_zero = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()  # [groups, out, 2]
+        self._key = _key_of(weight)
+
+    @staticmethod
+    def fits(out_features: int, in_features: int, group: int) -> bool:
+        """Whether the kernel takes a matrix of this shape and group size."""
+        return out_features % 16 == 0 and group in _INT4_GROUPS and in_features % group == 0
+
+    def kernel_args(self) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """``(packed, group, scale_zero)``: what ``_weight_int4pack_mm_for_cpu`` takes after the rows."""
+        return self.packed, self.group, self.scale_zero
+
+    def follows(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is still the matrix this pack was made for."""
+        return _key_of(weight) == self._key
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in]`` (rounded to bfloat16) times the matrix, ``[..., out]`` in ``x``'s dtype."""
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, *self.kernel_args())
+        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+def attach_int4_(model: nn.Module, matrices: Iterable[tuple[str, Any]]) -> int:
+    """Give each linear layer named in ``matrices`` (``(weight name, blocks)``, blocks with ``codes``,
+    ``scale`` and ``low`` as :class:`glmrun.gguf_file.Q4Blocks` has them) an :class:`Int4Weight` as its
+    ``int4`` attribute (a plain attribute: not saved, not moved); the count attached. Matrices of a
+    shape the kernel does not take, and layers with a bias, are skipped; nothing is attached without the kernel."""
+    if not int4_supported():
+        return 0
+    count = 0
+    for name, blocks in matrices:
+        module = model.get_submodule(name.removesuffix(".weight"))
+        weight = module.weight
+        out, cols = blocks.codes.shape
+        group = cols // blocks.scale.shape[1]
+        if weight.device.type != "cpu" or tuple(weight.shape) != (out, cols) or not Int4Weight.fits(out, cols, group):
+            continue
+        if getattr(module, "bias", None) is not None:  # GGUF Llama layers have none; the kernel adds none
+            continue
+        # a plain attribute (Module.__setattr__'s annotation admits only tensors and modules)
+        setattr(module, "int4", Int4Weight(blocks.codes, blocks.scale, blocks.low, weight))  # noqa: B010
+        count += 1
+    return count
 
 
 def linear_rows(

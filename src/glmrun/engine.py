@@ -101,6 +101,9 @@ class Engine:
         self.use_cuda_graphs = True
         self._graph: GraphDecoder | None = None  # bound to the cache of the session decoding now
         self.use_cpu_decoder = True
+        # The CPU decoder multiplies by a GGUF file's 4-bit blocks where the layers carry them (bfloat16 rows,
+        # see glmrun.cpu_decode); False keeps its float32-arithmetic products.
+        self.use_cpu_int4 = True
         self._cpu: CpuDecoder | None = None  # likewise, on the CPU
         self.lock = threading.Lock()  # one generation at a time per Engine; the scheduler batches instead
 
@@ -175,13 +178,13 @@ class Engine:
         """The CPU decoder for ``cache``, when the whole model runs float32 arithmetic on the CPU (else None)."""
         if not self.use_cpu_decoder:
             return None
-        if self._cpu is not None and self._cpu.cache is cache:
+        if self._cpu is not None and self._cpu.cache is cache and self._cpu.int4 == self.use_cpu_int4:
             return self._cpu
         if self._device().type != "cpu" or cache.rows != 1 or cache.dtype != torch.float32:
             return None
         if not cpu_decoder_supported(self.model):
             return None
-        self._cpu = CpuDecoder(self.model, cache)
+        self._cpu = CpuDecoder(self.model, cache, int4=self.use_cpu_int4)
         return self._cpu
 
     def decode_step(self, session: Session, token: int) -> torch.Tensor:

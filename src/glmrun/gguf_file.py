@@ -10,12 +10,12 @@ accounting. Reading metadata is :mod:`glmrun.gguf_meta`'s job.
 Every function here takes either a path or the index :func:`glmrun.gguf_meta.open_gguf` returns
 (:mod:`glmrun.gguf_index`): open once, pass the index on.
 
-Keeping weights packed (a door for a later change): today every tensor is dequantized to ``dtype``.
-:func:`gguf_tensor_types` returns each tensor's ggml type name (``"Q4_1"``, ``"Q8_0"``, ``"F32"``...)
-without touching tensor data, so a placement plan can choose the tensors to keep in their GGUF blocks
-(Q4_0/Q4_1/Q8_0 are 4/8-bit group quantization with 32 values a group) and read the raw blocks from
-``index.tensors[i].data`` instead of taking them from :func:`iter_gguf_tensors`; the row order of
-each tensor is the one used here, so fusing packed q/k/v or gate/up rows is a concatenation too.
+Keeping weights packed: every tensor is dequantized to ``dtype`` for the model's own forward, and
+:func:`iter_gguf_q4` also yields the layer matrices a file stores as Q4_0/Q4_1 (4-bit codes in groups
+of 32) as their codes and per-group scale and minimum (:class:`Q4Blocks`), fused under the same names
+(q/k/v and gate/up rows concatenated), so a product kernel can use the file's own 4-bit grid instead
+of quantizing the floats again (:mod:`glmrun.cpu_linear`'s int4 packs for the CPU decoder).
+:func:`gguf_tensor_types` returns each tensor's ggml type name without touching tensor data.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,15 @@ from .gguf_meta import open_gguf, read_gguf_metadata
 __all__ = [
     "KNOWN_IGNORED",
     "GGUFSource",
+    "Q4Blocks",
     "dequantize_blocks",
     "gguf_config",
     "gguf_tensor_types",
     "is_known_ignored",
+    "iter_gguf_q4",
     "iter_gguf_tensors",
     "load_gguf_config",
+    "q4_blocks",
 ]
 
 GGUFSource = str | os.PathLike[str] | GGUFIndex
@@ -338,6 +342,77 @@ def dequantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Te
         return out.sub_(8).mul_(d).reshape(-1)
     m = blocks[:, 2:4].contiguous().view(torch.float16).float()
     return out.mul_(d).add_(m).reshape(-1)
+
+
+_Q4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+_Q4_GROUP = 32  # values per Q4_0 / Q4_1 block
+
+
+@dataclass(frozen=True)
+class Q4Blocks:
+    """A ``[out, in]`` matrix on a 4-bit grid per group of 32 columns, as Q4_0/Q4_1 store it:
+    ``w[r, c] = codes[r, c] * scale[r, c // 32] + low[r, c // 32]`` (float32 arithmetic, the same
+    numbers as :func:`dequantize_blocks`)."""
+
+    codes: torch.Tensor  # uint8 [out, in], values 0..15
+    scale: torch.Tensor  # float32 [out, in // 32]: the block's float16 d
+    low: torch.Tensor  # float32 [out, in // 32]: Q4_1's float16 m, Q4_0's -8 d (exact: a power of two)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 matrix ``[out, in]``."""
+        out, cols = self.codes.shape
+        grouped = self.codes.view(out, cols // _Q4_GROUP, _Q4_GROUP).float()
+        return grouped.mul_(self.scale[..., None]).add_(self.low[..., None]).view(out, cols)
+
+
+def q4_blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Q4Blocks:
+    """Q4_0 / Q4_1 block bytes of a torch-shaped ``[out, in]`` matrix as :class:`Q4Blocks`."""
+    if qtype not in _Q4_TYPES:
+        raise InvalidArgumentError(f"q4_blocks reads Q4_0 / Q4_1 blocks, not {qtype.name}")
+    out, cols = shape
+    blocks = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True).reshape(-1, _TORCH_BLOCKS[qtype]))
+    d = blocks[:, :2].contiguous().view(torch.float16).float().view(out, cols // _Q4_GROUP)
+    packed = blocks[:, 4:] if qtype == GGMLQuantizationType.Q4_1 else blocks[:, 2:]
+    codes = torch.empty(blocks.shape[0], _Q4_GROUP, dtype=torch.uint8)
+    codes[:, :16] = packed & 15  # low nibbles are values 0-15 of the block, high nibbles 16-31
+    codes[:, 16:] = packed >> 4
+    if qtype == GGMLQuantizationType.Q4_1:
+        low = blocks[:, 2:4].contiguous().view(torch.float16).float().view(out, cols // _Q4_GROUP)
+    else:
+        low = d * -8.0
+    return Q4Blocks(codes.view(out, cols), d, low)
+
+
+def iter_gguf_q4(
+    source: GGUFSource, config: ModelConfig, layers: Iterable[int] | None = None
+) -> Iterator[tuple[str, Q4Blocks]]:
+    """Yield ``(official name, Q4Blocks)`` for each matrix of ``layers`` (default: all) whose GGUF pieces
+    are all Q4_0/Q4_1.
+
+    Names and row order are those of :func:`iter_gguf_tensors` (q/k/v, gate/up fused), so
+    ``blocks.dequantize()`` equals the tensor it yields under the same name; a matrix with any piece
+    of another type (a K-quant, Q8_0, F16...) is left out. Shapes are those the config expects; call
+    this on a file :func:`iter_gguf_tensors` accepted.
+    """
+    reader = _reader(source)
+    tensors = {t.name: t for t in reader.tensors}
+    for i in range(config.num_layers) if layers is None else layers:
+        for suffix, pieces in _LAYER_MAP:
+            parts = [tensors.get(f"blk.{i}.{piece}.weight") for piece in pieces]
+            if not all(p is not None and p.tensor_type in _Q4_TYPES and len(p.shape) == 2 for p in parts):
+                continue
+            found = [q4_blocks(p.data, p.tensor_type, _matrix_shape(p)) for p in parts if p is not None]
+            fused = Q4Blocks(  # rows: q, k, v / gate, up
+                torch.cat([b.codes for b in found]),
+                torch.cat([b.scale for b in found]),
+                torch.cat([b.low for b in found]),
+            )
+            yield f"transformer.encoder.layers.{i}.{suffix}", fused
+
+
+def _matrix_shape(tensor: GGUFTensor) -> tuple[int, int]:
+    out, cols = _torch_shape(tensor)
+    return out, cols
 
 
 def _dequantize(tensor: GGUFTensor, where: str, dtype: torch.dtype) -> torch.Tensor:

@@ -247,7 +247,8 @@ def load_model(
 
     account = TensorAccount(expected, source=str(ckpt.path))
     # float16 on the CPU: fbgemm packs each finished layer on a second thread while this one reads the next
-    # (packing releases the GIL; it is a third of a 2-core start for SmolLM2).
+    # (packing releases the GIL; it is a third of a 2-core start for SmolLM2). A GGUF file's Q4_0/Q4_1 layer
+    # matrices also get int4 packs of their own 4-bit codes there, for the one-row CPU decoder (cpu_decode).
     packer = ThreadPoolExecutor(1, thread_name_prefix="glmrun-pack") if cpu_half and quant is None else None
     packing: list[Future[int]] = []
     with _progress_bar(f"loading {ckpt.model_id}", progress) as bar, _shut_down(packer):
@@ -271,9 +272,13 @@ def load_model(
 
                     quantize_model_(model.layers[layer], quant)  # one layer at a time: low peak memory
                 elif per_layer_left[layer] == 0 and packer is not None:
-                    from .cpu_linear import half_weights_
+                    from .cpu_linear import attach_int4_, half_weights_
 
                     packing.append(packer.submit(half_weights_, model.layers[layer]))  # one layer at a time
+                    if reader is not None:  # then the file's own 4-bit blocks for the CPU decoder
+                        from .gguf_file import iter_gguf_q4
+
+                        packing.append(packer.submit(attach_int4_, model, iter_gguf_q4(reader, config, [layer])))
         for done in packing:
             done.result()  # every layer swapped (or its error raised) before the whole model is looked at
     account.finish()

@@ -268,12 +268,12 @@ def half_weights_(model: nn.Module) -> int:
     return _swap(model, [(n, m) for n, m in _plain_linears(model) if _on_cpu_float32(m.weight)], HalfWeightLinear)
 
 
-def half_weights_model_(model: Any) -> int:
+def half_weights_model_(model: Any, head: HalfPacked | None = None) -> int:
     """:func:`half_weights_` on a ChatGLMForCausalLM, plus a float16 copy of a tied output matrix (the
-    embedding table itself stays float32 for the lookups)."""
+    embedding table itself stays float32 for the lookups): ``head`` if the caller made it already."""
     swapped = half_weights_(model)
     if model.config.tie_word_embeddings:
-        model.fast_head = HalfPacked(model.transformer.embedding.word_embeddings.weight)
+        model.fast_head = head or HalfPacked(model.transformer.embedding.word_embeddings.weight)
     return swapped
 
 

@@ -220,8 +220,8 @@ class MLP(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: RMSNorm | None = None
     ) -> torch.Tensor:
-        """The MLP of ``norm(x)``, plus ``residual`` when given (the block's skip connection), both fused where
-        possible."""
+        """The MLP of ``norm(x)``, plus ``residual`` when given (the block's skip connection, added in the last
+        product's kernel where possible)."""
         h = linear(self.dense_h_to_4h, x, norm=norm)  # [B, T, 2 * ffn]: gate rows first, then up rows
         lk = _cuda_kernels(h)
         if lk is not None and lk.elementwise_supported(h):

@@ -391,7 +391,7 @@ class ChatGLMForCausalLM(nn.Module):
 
     def project(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """Logits (float32) of hidden states ``[..., hidden]`` -> ``[..., V]``, final-normed by ``norm`` first when
-        given (a quantized output layer applies it in its one-row kernel)."""
+        given (its weight must be on the output layer's device; :meth:`head` checks)."""
         x = x.to(self.output_device())
         if self.config.tie_word_embeddings:
             x = x if norm is None else norm(x)

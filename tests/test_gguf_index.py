@@ -112,6 +112,13 @@ def test_broken_files_name_the_problem(tmp_path: Path) -> None:
         "empty.gguf": (b"", CorruptCheckpointError, "does not start with 'GGUF'"),
         "text.gguf": (b"hello world, not a model" * 3, CorruptCheckpointError, "does not start with 'GGUF'"),
         "header.gguf": (good[:40], CorruptCheckpointError, "truncated"),
+        # cut inside the string array "t.strs" (key, type, item type, count, then "a", "" and "é"): the
+        # one-loop reader of string arrays checks each string's end as the one-value reader does
+        "strings.gguf": (
+            good[: good.index(b"t.strs") + 6 + 4 + 4 + 8 + 9 + 8 + 8 + 1],
+            CorruptCheckpointError,
+            "truncated",
+        ),
         "data.gguf": (good[:-16], CorruptCheckpointError, "tensor i32 ends at byte"),
         "v1.gguf": (good[:4] + struct.pack("<I", 1) + good[8:], UnsupportedModelError, "version 1"),
         "big.gguf": (good[:4] + struct.pack(">I", 3) + good[8:], UnsupportedModelError, "big-endian"),

@@ -87,6 +87,9 @@ class GGUFIndex:
     tensors: list[GGUFTensor]
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Reads little-endian GGUF values from ``buf`` at a moving position."""
 
@@ -110,13 +113,33 @@ class _Cursor:
         self.pos = end
         return text
 
+    def strings(self, count: int) -> list[str]:
+        """``count`` strings in a row, as :meth:`string` reads them, in one loop (a vocabulary and its merges
+        are ~100k strings: a method call each took ~0.4 s of a CPU start)."""
+        view, pos, size_of = self.view, self.pos, _U64.unpack_from
+        end_of_file = len(self.buf)
+        out: list[str] = []
+        append = out.append
+        for _ in range(count):
+            (size,) = size_of(view, pos)
+            pos += 8
+            end = pos + size
+            if end > end_of_file:
+                raise struct.error(f"a string of {size} bytes runs past the end of the file")
+            append(str(view[pos:end], "utf-8", errors="replace"))
+            pos = end
+        self.pos = pos
+        return out
+
     def value(self, kind: int) -> Any:
         if kind == GGUFValueType.STRING:
             return self.string()
         if kind != GGUFValueType.ARRAY:
             return self.scalar(_SCALAR_FORMATS[GGUFValueType(kind)])
         item_kind, count = self.scalar("<I"), self.scalar("<Q")
-        if item_kind in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+        if item_kind == GGUFValueType.STRING:
+            return self.strings(count)
+        if item_kind == GGUFValueType.ARRAY:
             return [self.value(item_kind) for _ in range(count)]
         dtype = _ARRAY_DTYPES[GGUFValueType(item_kind)]
         if self.pos + count * dtype.itemsize > len(self.buf):

@@ -323,24 +323,38 @@ def _torch_shape(tensor: GGUFTensor) -> tuple[int, ...]:
 _TORCH_BLOCKS = {GGMLQuantizationType.Q8_0: 34, GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}
 
 
+def _block_fields(
+    data: np.ndarray, qtype: GGMLQuantizationType
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Q8_0 / Q4_0 / Q4_1 block bytes -> ``d`` float32 ``[n, 1]``, Q4_1's ``m`` (else None) and the code bytes
+    ``[n, 32 or 16]`` (uint8, a view of a copy this owns) of the ``n`` blocks."""
+    blocks = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True).reshape(-1, _TORCH_BLOCKS[qtype]))
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    if qtype == GGMLQuantizationType.Q4_1:
+        return d, blocks[:, 2:4].contiguous().view(torch.float16).float(), blocks[:, 4:]
+    return d, None, blocks[:, 2:]
+
+
+def _spread_nibbles(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A Q4 block's 16 code bytes ``[n, 16]`` as its 32 values in ``out`` ``[n, 32]`` (converted to its dtype as
+    they are written): low nibbles are values 0-15, high nibbles 16-31."""
+    out[:, :16] = packed & 15
+    out[:, 16:] = packed >> 4
+    return out
+
+
 def dequantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     """Q8_0 / Q4_0 / Q4_1 block bytes ``[..., row bytes]`` -> float32 ``[n_values]``, with torch ops.
 
     The same float32 arithmetic as ``gguf.quants.dequantize`` (the tests compare them bit for bit), on
     every core, writing each value once: half of numpy's time for SmolLM2's 135M values on 2 cores.
     """
-    size = _TORCH_BLOCKS[qtype]
-    blocks = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True).reshape(-1, size))  # owns its memory
-    d = blocks[:, :2].contiguous().view(torch.float16).float()  # [n, 1]
+    d, m, codes = _block_fields(data, qtype)  # d: [n, 1]
     if qtype == GGMLQuantizationType.Q8_0:
-        return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(-1)
-    codes = blocks[:, 4:] if qtype == GGMLQuantizationType.Q4_1 else blocks[:, 2:]
-    out = torch.empty(blocks.shape[0], 32)
-    out[:, :16] = codes & 15  # values 0-15, then 16-31, converted to float32 as they are written
-    out[:, 16:] = codes >> 4
-    if qtype == GGMLQuantizationType.Q4_0:
+        return (codes.contiguous().view(torch.int8).float() * d).reshape(-1)
+    out = _spread_nibbles(codes, torch.empty(codes.shape[0], 32))
+    if m is None:  # Q4_0
         return out.sub_(8).mul_(d).reshape(-1)
-    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
     return out.mul_(d).add_(m).reshape(-1)
 
 
@@ -365,22 +379,15 @@ class Q4Blocks:
         return grouped.mul_(self.scale[..., None]).add_(self.low[..., None]).view(out, cols)
 
 
-def q4_blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Q4Blocks:
+def q4_blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> Q4Blocks:
     """Q4_0 / Q4_1 block bytes of a torch-shaped ``[out, in]`` matrix as :class:`Q4Blocks`."""
     if qtype not in _Q4_TYPES:
         raise InvalidArgumentError(f"q4_blocks reads Q4_0 / Q4_1 blocks, not {qtype.name}")
     out, cols = shape
-    blocks = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True).reshape(-1, _TORCH_BLOCKS[qtype]))
-    d = blocks[:, :2].contiguous().view(torch.float16).float().view(out, cols // _Q4_GROUP)
-    packed = blocks[:, 4:] if qtype == GGMLQuantizationType.Q4_1 else blocks[:, 2:]
-    codes = torch.empty(blocks.shape[0], _Q4_GROUP, dtype=torch.uint8)
-    codes[:, :16] = packed & 15  # low nibbles are values 0-15 of the block, high nibbles 16-31
-    codes[:, 16:] = packed >> 4
-    if qtype == GGMLQuantizationType.Q4_1:
-        low = blocks[:, 2:4].contiguous().view(torch.float16).float().view(out, cols // _Q4_GROUP)
-    else:
-        low = d * -8.0
-    return Q4Blocks(codes.view(out, cols), d, low)
+    d, m, packed = _block_fields(data, qtype)
+    codes = _spread_nibbles(packed, torch.empty(packed.shape[0], _Q4_GROUP, dtype=torch.uint8))
+    low = d * -8.0 if m is None else m
+    return Q4Blocks(codes.view(out, cols), d.view(out, cols // _Q4_GROUP), low.view(out, cols // _Q4_GROUP))
 
 
 def iter_gguf_q4(
@@ -401,18 +408,13 @@ def iter_gguf_q4(
             parts = [tensors.get(f"blk.{i}.{piece}.weight") for piece in pieces]
             if not all(p is not None and p.tensor_type in _Q4_TYPES and len(p.shape) == 2 for p in parts):
                 continue
-            found = [q4_blocks(p.data, p.tensor_type, _matrix_shape(p)) for p in parts if p is not None]
+            found = [q4_blocks(p.data, p.tensor_type, _torch_shape(p)) for p in parts if p is not None]
             fused = Q4Blocks(  # rows: q, k, v / gate, up
                 torch.cat([b.codes for b in found]),
                 torch.cat([b.scale for b in found]),
                 torch.cat([b.low for b in found]),
             )
             yield f"transformer.encoder.layers.{i}.{suffix}", fused
-
-
-def _matrix_shape(tensor: GGUFTensor) -> tuple[int, int]:
-    out, cols = _torch_shape(tensor)
-    return out, cols
 
 
 def _dequantize(tensor: GGUFTensor, where: str, dtype: torch.dtype) -> torch.Tensor:

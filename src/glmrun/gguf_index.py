@@ -104,18 +104,12 @@ class _Cursor:
         return value
 
     def string(self) -> str:
-        size = self.scalar("<Q")
-        end = self.pos + size
-        if end > len(self.buf):
-            raise struct.error(f"a string of {size} bytes runs past the end of the file")
-        # GGUF strings are UTF-8; a stray invalid byte should not make the whole file unreadable.
-        text = str(self.view[self.pos : end], "utf-8", errors="replace")
-        self.pos = end
-        return text
+        return self.strings(1)[0]
 
     def strings(self, count: int) -> list[str]:
-        """``count`` strings in a row, as :meth:`string` reads them, in one loop (a vocabulary and its merges
-        are ~100k strings: a method call each took ~0.4 s of a CPU start)."""
+        """``count`` strings in a row, in one loop (a vocabulary and its merges are ~100k strings: a method call
+        each took ~0.4 s of a CPU start). GGUF strings are UTF-8; a stray invalid byte should not make the
+        whole file unreadable."""
         view, pos, size_of = self.view, self.pos, _U64.unpack_from
         end_of_file = len(self.buf)
         out: list[str] = []

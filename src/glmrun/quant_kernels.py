@@ -377,9 +377,6 @@ if triton is not None:
                     pack=1,
                 )  # [BN, WORDS]: sum((c - 8) * x) / 16 over each word
                 xsum = a0 + a1 + a2 + a3
-                part = tl.sum(tl.reshape(prod, [BLOCK_N, GROUPS_PER_BLOCK, PER_GROUP]), 2)  # [BN, NG]
-                xs = tl.sum(tl.reshape(xsum, [GROUPS_PER_BLOCK, PER_GROUP]), 1)[None, :]  # [1, NG]
-                cx = 16.0 * part + 8.0 * xs
             else:
                 prod = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
                 xsum = tl.zeros([WORDS], dtype=tl.float32)
@@ -398,12 +395,14 @@ if triton is not None:
                         fbits = (moved & CODE_MASK) ^ 0x3FC00000  # flips the sign bit: code + 128
                     prod += fbits.to(tl.float32, bitcast=True) * xi[None, :]
                     xsum += xi
-                part = tl.sum(tl.reshape(prod, [BLOCK_N, GROUPS_PER_BLOCK, PER_GROUP]), 2)  # [BN, NG]
-                xs = tl.sum(tl.reshape(xsum, [GROUPS_PER_BLOCK, PER_GROUP]), 1)[None, :]  # [1, NG]
-                if HAS_ZERO:
-                    cx = (16.0 if BITS == 4 else 256.0) * (part - xs)
-                else:
-                    cx = 256.0 * (part - 1.5 * xs)
+            part = tl.sum(tl.reshape(prod, [BLOCK_N, GROUPS_PER_BLOCK, PER_GROUP]), 2)  # [BN, NG]
+            xs = tl.sum(tl.reshape(xsum, [GROUPS_PER_BLOCK, PER_GROUP]), 1)[None, :]  # [1, NG]
+            if HALF2:  # part = sum((c - 8) * x) / 16
+                cx = 16.0 * part + 8.0 * xs
+            elif HAS_ZERO:  # part = sum((1 + c / 2**BITS) * x)
+                cx = (16.0 if BITS == 4 else 256.0) * (part - xs)
+            else:
+                cx = 256.0 * (part - 1.5 * xs)
             if HAS_ZERO:
                 z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
                 acc += tl.sum(s * cx + z * xs, 1)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .kernels import launch_device
+from .row_fusion import RowFusion, fusion_args
 from .triton_import import tl, triton
 
 __all__ = [
@@ -75,6 +76,7 @@ def half_gemv(
     bias: Tensor | None,
     residual: Tensor | None = None,
     *,
+    fusion: RowFusion | None = None,
     block_n: int = _GEMV_BLOCK_N,
     block_k: int = _GEMV_BLOCK_K,
     num_warps: int = 4,
@@ -82,6 +84,8 @@ def half_gemv(
     """One row times a float16/bfloat16 matrix: ``x [..., K] @ weight[N, K].T (+ bias) (+ residual)`` -> ``[..., N]``.
 
     ``residual`` (``[..., N]``, one row) is added in the same kernel: a block's residual connection.
+    ``fusion``: the norms and SwiGLU of :mod:`glmrun.row_fusion` in the same kernel (x is then
+    ``fusion.row.scaled``; with ``glu`` the output is ``[..., N / 2]``).
 
     cuBLAS's one-row kernels read ChatGLM2-6B's matrices at 2.1-2.8 TB/s on an H100; this plain
     streaming kernel (2 output rows per program, 1,024-wide K steps, float32 sums, bias in the
@@ -91,30 +95,36 @@ def half_gemv(
     if triton is None:
         raise RuntimeError("Triton is not installed")
     n, k = weight.shape
+    glu = fusion is not None and fusion.glu
+    if glu and n % 2:
+        raise ValueError(f"SwiGLU needs an even number of weight rows, got {n}")
+    n_out = n // 2 if glu else n
     x1 = x.reshape(k)
     if x1.stride(0) != 1:
         x1 = x1.contiguous()
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
-    res = residual.reshape(n) if residual is not None else None
+    y = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    res = residual.reshape(n_out) if residual is not None else None
     if res is not None and res.stride(0) != 1:
         res = res.contiguous()
     with launch_device(x1):
-        _half_gemv_kernel[(triton.cdiv(n, block_n),)](
+        _half_gemv_kernel[(triton.cdiv(n_out, block_n),)](
             x1,
             weight,
             bias if bias is not None else weight,  # unused without a bias
             res if res is not None else weight,  # unused without a residual
             y,
-            n,
+            n_out,
             k,
             weight.stride(0),
             HAS_BIAS=bias is not None,
             HAS_RES=res is not None,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
+            ROWS=block_n * (2 if glu else 1),
+            **fusion_args(fusion, weight),
             num_warps=num_warps,
         )
-    return y.view(*x.shape[:-1], n)
+    return y.view(*x.shape[:-1], n_out)
 
 
 def swiglu(h: Tensor) -> Tensor:
@@ -245,6 +255,7 @@ def decode_attention(
 
 
 if triton is not None:
+    from .row_kernels import gemv_finish, gemv_rows
 
     @triton.jit
     def _half_gemv_kernel(
@@ -256,15 +267,25 @@ if triton is not None:
         N,
         K,
         stride_wn,
+        sin_ptr,
+        eps,
+        g_ptr,
+        hg_ptr,
+        sout_ptr,
         HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        ROWS: tl.constexpr,
+        IN_NORM: tl.constexpr,
+        GLU: tl.constexpr,
+        OUT_NORM: tl.constexpr,
     ):
-        # BLOCK_N output rows per program; products summed elementwise in float32 and reduced once at the end.
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # BLOCK_N outputs per program (ROWS weight rows: two an output with GLU); products summed elementwise
+        # in float32 and reduced once at the end.
+        pid = tl.program_id(0)
+        offs_n, n_mask = gemv_rows(pid, N, N, BLOCK_N, GLU)
+        acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
@@ -273,12 +294,28 @@ if triton is not None:
             )
             xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
             acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-        y = tl.sum(acc, 1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            y += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+        gemv_finish(
+            tl.sum(acc, 1),
+            offs_n,
+            n_mask,
+            pid,
+            N,
+            K,
+            y_ptr,
+            b_ptr,
+            r_ptr,
+            sin_ptr,
+            eps,
+            g_ptr,
+            hg_ptr,
+            sout_ptr,
+            BLOCK_N,
+            HAS_BIAS,
+            HAS_RES,
+            IN_NORM,
+            GLU,
+            OUT_NORM,
+        )
 
     @triton.jit
     def _swiglu_kernel(h_ptr, out_ptr, F, BLOCK: tl.constexpr):

@@ -12,6 +12,7 @@ The model never samples, prints, picks devices or reads files; layers may sit on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from types import ModuleType
@@ -25,6 +26,7 @@ from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
 from .cpu_linear import BlockedCopy, HalfPacked, linear_rows
+from .row_fusion import NormedRow, RowFusion
 
 __all__ = ["ChatGLMForCausalLM", "rotary_tables", "apply_rotary"]
 
@@ -65,6 +67,37 @@ def linear(
         return cast(torch.Tensor, layer(x, residual))
     y = cast(torch.Tensor, layer(x))
     return y if residual is None else residual + y
+
+
+def _row_fusable(layer: nn.Module, x: torch.Tensor, lk: ModuleType) -> bool:
+    """Whether ``layer`` takes a one-row product with row_fusion's norms and SwiGLU in its kernel."""
+    if isinstance(layer, nn.Linear):
+        return bool(lk.gemv_supported(x, layer.weight))
+    check = getattr(layer, "row_fusable", None)  # QuantLinear
+    return check is not None and bool(check(x))
+
+
+def row_linear(
+    layer: nn.Module, x: torch.Tensor, fusion: RowFusion, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One row's ``layer(x)`` (+ ``residual``) with ``fusion`` in the same kernel (see _row_fusable)."""
+    if isinstance(layer, nn.Linear):
+        from . import layer_kernels
+
+        return layer_kernels.half_gemv(x, layer.weight, layer.bias, residual, fusion=fusion)
+    product = cast(Callable[..., torch.Tensor], layer.row_product)  # QuantLinear
+    return product(x, residual, fusion)
+
+
+def row_into_norm(
+    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm | None, cell: torch.Tensor | None
+) -> NormedRow | torch.Tensor:
+    """``residual + layer(x)`` for one row; with ``norm``, as a NormedRow for it (``cell``: a zeroed float32 [1])."""
+    if norm is None or cell is None:
+        return row_linear(layer, x, RowFusion(), residual)
+    scaled = torch.empty_like(residual)
+    h = row_linear(layer, x, RowFusion(out_weight=norm.weight, out_scaled=scaled, out_sumsq=cell), residual)
+    return NormedRow(h, scaled, cell, norm.eps)
 
 
 def rotary_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,25 +168,9 @@ class SelfAttention(nn.Module):
         lk = _cuda_kernels(qkv)
         if lk is not None and (step.mode != "rows" or T == 1) and cache.dtype == qkv.dtype and lk.supported(qkv, D):
             # CUDA: rotary and the cache write in one kernel; decode rows then take split-key attention.
-            k_buf, v_buf = cache.buffers(self.layer)
-            n = B * T
-            q = lk.rope_write(
-                qkv.view(n, -1),
-                step.cos.view(n, -1),
-                step.sin.view(n, -1),
-                step.positions.reshape(n),
-                k_buf,
-                v_buf,
-                step.first_row,
-                H,
-                K,
-                tokens_per_row=T,
-            ).view(B, T, H, D)
             if step.mode == "rows":
-                out = lk.decode_attention(
-                    q.view(B, H, D), k_buf, v_buf, step.positions.view(B), step.first_row, step.length
-                )
-                return linear(self.dense, out.view(B, 1, H * D), x)
+                return linear(self.dense, self._rows_attention(lk, qkv, step, cache), x)
+            q = self._rope_write(lk, qkv, step, cache)
             own = cache.view(self.layer, B, T, step.first_row)  # [B, K, T, D]: a fresh prompt's keys and values
         else:
             qk = apply_rotary(qkv[..., : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)  # q and k at once
@@ -185,6 +202,51 @@ class SelfAttention(nn.Module):
             return linear(self.dense, out.reshape(B, 1, H * D), x)
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=step.mask)
         return linear(self.dense, out.view(B, K, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D), x)
+
+    def _rope_write(self, lk: ModuleType, qkv: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        """CUDA: rotate q and k, write k and v into the cache (one kernel); the rotated queries [B, T, H, D]."""
+        B, T, _ = qkv.shape
+        k_buf, v_buf = cache.buffers(self.layer)
+        n = B * T
+        q = lk.rope_write(
+            qkv.view(n, -1),
+            step.cos.view(n, -1),
+            step.sin.view(n, -1),
+            step.positions.reshape(n),
+            k_buf,
+            v_buf,
+            step.first_row,
+            self.heads,
+            self.kv_heads,
+            tokens_per_row=T,
+        )
+        return cast(torch.Tensor, q).view(B, T, self.heads, self.head_dim)
+
+    def _rows_attention(self, lk: ModuleType, qkv: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        """CUDA decode rows (one token each): rotary + cache write, then split-key attention -> [B, 1, H * D]."""
+        B, H, D = qkv.shape[0], self.heads, self.head_dim
+        q = self._rope_write(lk, qkv, step, cache)
+        k_buf, v_buf = cache.buffers(self.layer)
+        out = lk.decode_attention(q.view(B, H, D), k_buf, v_buf, step.positions.view(B), step.first_row, step.length)
+        return cast(torch.Tensor, out).view(B, 1, H * D)
+
+    def forward_row(
+        self, row: NormedRow, step: StepInputs, cache: KVCache, post: RMSNorm, cell: torch.Tensor
+    ) -> NormedRow | torch.Tensor:
+        """One decode row on CUDA with the norms in the products: ``row.h + attention(norm(row.h))``, normed for
+        ``post`` (see row_fusion)."""
+        from . import layer_kernels as lk
+
+        qkv = row_linear(self.query_key_value, row.scaled, RowFusion(row=row))  # [1, 1, (H + 2K) * D]
+        return row_into_norm(self.dense, self._rows_attention(lk, qkv, step, cache), row.h, post, cell)
+
+    def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
+        return (
+            cache.dtype == x.dtype
+            and bool(lk.supported(x, self.head_dim))
+            and _row_fusable(self.query_key_value, x, lk)
+            and _row_fusable(self.dense, x, lk)
+        )
 
 
 def _decode_attention(
@@ -230,6 +292,15 @@ class MLP(nn.Module):
             act = kernels.on_device(kernels.swiglu, h)(h)
         return linear(self.dense_4h_to_h, act, residual)
 
+    def forward_row(self, row: NormedRow, after: RMSNorm | None, cell: torch.Tensor | None) -> NormedRow | torch.Tensor:
+        """``row.h + mlp(norm(row.h))`` for one row, its SwiGLU in the up projection's kernel; normed for
+        ``after`` when given (see row_fusion)."""
+        act = row_linear(self.dense_h_to_4h, row.scaled, RowFusion(row=row, glu=True))  # [1, 1, ffn]
+        return row_into_norm(self.dense_4h_to_h, act, row.h, after, cell)
+
+    def row_fusable(self, x: torch.Tensor, lk: ModuleType) -> bool:
+        return _row_fusable(self.dense_h_to_4h, x, lk) and _row_fusable(self.dense_4h_to_h, x, lk)
+
 
 class GLMBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, *, device: torch.device | None, dtype: torch.dtype | None):
@@ -243,6 +314,23 @@ class GLMBlock(nn.Module):
     def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
         h = self.self_attention(x, step, cache, norm=self.input_layernorm)  # x + attention(norm1(x))
         return self.mlp(h, residual=h, norm=self.post_attention_layernorm)  # h + mlp(norm2(h))
+
+    def forward_row(
+        self,
+        row: NormedRow,
+        step: StepInputs,
+        cache: KVCache,
+        cells: torch.Tensor,  # float32 [2], zeroed: sum(h**2) of the two norms that follow
+        after: RMSNorm | None,  # the next layer's input norm, or None (the result is then the plain h)
+    ) -> NormedRow | torch.Tensor:
+        """:meth:`forward` of one decode row (CUDA) with the norms and SwiGLU inside the products."""
+        h = self.self_attention.forward_row(row, step, cache, self.post_attention_layernorm, cells[0:1])
+        assert isinstance(h, NormedRow)
+        return self.mlp.forward_row(h, after, cells[1:2])
+
+    def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
+        """Whether :meth:`forward_row` serves the one-row ``x`` (CUDA kernels for every product and the attention)."""
+        return self.self_attention.row_fusable(x, cache, lk) and self.mlp.row_fusable(x, lk)
 
 
 class Embedding(nn.Module):
@@ -368,8 +456,10 @@ class ChatGLMForCausalLM(nn.Module):
             mode = "causal"
         else:
             mode = "chunk" if B == 1 and T > 1 and not masked else "rows"
-        steps: dict[torch.device, StepInputs] = {}
         devices = self.layer_devices()
+        if B * T == 1 and self._rows_fuse(x, cache, layers, devices):
+            return self._run_row(x, positions, cache, layers, length=length, first_row=first_row, masked=masked)
+        steps: dict[torch.device, StepInputs] = {}
         for i in layers:
             layer = self.layers[i]
             dev = devices[i]
@@ -377,6 +467,40 @@ class ChatGLMForCausalLM(nn.Module):
                 steps[dev] = self._step_inputs(positions.to(dev), length, first_row, mode, masked)
             x = layer(x.to(dev), steps[dev], cache)
         return x
+
+    def _rows_fuse(self, x: torch.Tensor, cache: KVCache, layers: range, devices: list[torch.device]) -> bool:
+        """Whether :meth:`_run_row` serves this one-row step: every layer on x's GPU with the fused kernels."""
+        lk = _cuda_kernels(x)
+        if lk is None or len(layers) == 0 or any(devices[i] != x.device for i in layers):
+            return False
+        return all(self.blocks()[i].row_fusable(x, cache, lk) for i in layers)
+
+    def _run_row(
+        self,
+        x: torch.Tensor,  # [1, 1, hidden]
+        positions: torch.Tensor,
+        cache: KVCache,
+        layers: range,
+        *,
+        length: int,
+        first_row: int,
+        masked: bool,
+    ) -> torch.Tensor:
+        """:meth:`run_layers` for one decode row on one GPU: the norms and SwiGLU ride in the products'
+        kernels (glmrun.row_fusion), so a layer launches 5 kernels instead of 8."""
+        from .row_kernels import norm_prep
+
+        step = self._step_inputs(positions.to(x.device), length, first_row, "rows", masked)
+        blocks = [self.blocks()[i] for i in layers]
+        cells = torch.zeros(2 * len(blocks) + 1, dtype=torch.float32, device=x.device)  # one sum(h**2) a norm
+        first = blocks[0].input_layernorm
+        out: NormedRow | torch.Tensor = norm_prep(x, first.weight, first.eps, cells[0:1])
+        for j, block in enumerate(blocks):
+            after = blocks[j + 1].input_layernorm if j + 1 < len(blocks) else None
+            assert isinstance(out, NormedRow)
+            out = block.forward_row(out, step, cache, cells[2 * j + 1 : 2 * j + 3], after)
+        assert isinstance(out, torch.Tensor)
+        return out
 
     def head(self, x: torch.Tensor, logits: str = "last") -> torch.Tensor:
         """Final norm, then logits as float32: "last" [B, V], "all" [B, T, V]; "none" returns the normed hidden."""

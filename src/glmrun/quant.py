@@ -42,7 +42,14 @@ from torch import Tensor, nn
 
 from .config import ModelConfig, QuantSpec
 from .errors import InvalidArgumentError
-from .quant_kernels import dequantize_rows, quant_matmul
+from .quant_kernels import (
+    dequantize_rows,
+    quant_matmul,
+    triton_available,
+    triton_config_for,
+    triton_quant_matmul,
+)
+from .row_fusion import RowFusion
 
 __all__ = [
     "QuantizedWeight",
@@ -318,6 +325,24 @@ class QuantLinear(nn.Module):
             res,
         )  # [M, out]
         return y.view(*x.shape[:-1], self.out_features)
+
+    def row_fusable(self, x: Tensor) -> bool:
+        """Whether :meth:`row_product` serves ``x`` (one row on CUDA, float16/bfloat16, the one-row kernel)."""
+        if not (triton_available() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+            return False
+        config = triton_config_for(1, self.out_features, self.in_features, self.spec.group_size, self.spec.bits)
+        return config is not None and config.kind == "gemv" and config.split_k == 1
+
+    def row_product(self, x: Tensor, residual: Tensor | None, fusion: RowFusion) -> Tensor:
+        """One row's product with :mod:`glmrun.row_fusion`'s norms or SwiGLU in the kernel (see row_fusable)."""
+        config = triton_config_for(1, self.out_features, self.in_features, self.spec.group_size, self.spec.bits)
+        if config is None:
+            raise ValueError(f"no one-row kernel for {self.out_features} x {self.in_features}")
+        res = residual.reshape(1, -1) if residual is not None else None
+        bits, group = self.spec.bits, self.spec.group_size
+        q, s, z = self.weight_q, self.weight_scale, self.weight_zero
+        y = triton_quant_matmul(x.reshape(1, -1), q, s, z, bits, group, config, self.bias, res, fusion)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return (

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import launch_device
+from .row_fusion import RowFusion, fusion_args
 from .triton_import import tl, triton
 
 __all__ = [
@@ -151,11 +152,14 @@ def triton_quant_matmul(
     config: KernelConfig,
     bias: Tensor | None = None,
     residual: Tensor | None = None,
+    fusion: RowFusion | None = None,
 ) -> Tensor:
     """``x2d [M, K] @ W.T (+ bias) (+ residual [M, N]) -> [M, N]`` in ``x2d.dtype`` with one fused Triton kernel.
 
     (CUDA, fp16/bf16 x; or Triton's interpreter.) Bias and residual are added in the kernel by ``gemv``
-    without a split of K, after it otherwise.
+    without a split of K, after it otherwise. ``fusion`` (one row, ``gemv`` without a split): the norms and
+    SwiGLU of :mod:`glmrun.row_fusion` in the same kernel (x is then ``fusion.row.scaled``; with ``glu`` the
+    output is ``[1, N / 2]``).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -163,6 +167,11 @@ def triton_quant_matmul(
     n = q.shape[0]
     if not _block_k_fits(config.block_k, group_size, k, config.kind, bits):
         raise ValueError(f"block_k {config.block_k} does not fit group_size {group_size} and K {k}")
+    glu = fusion is not None and fusion.glu
+    if fusion is not None and (m != 1 or config.kind != "gemv" or config.split_k != 1):
+        raise ValueError("a fused norm or SwiGLU needs one row and the one-row kernel without a split of K")
+    if glu and n % 2:
+        raise ValueError(f"SwiGLU needs an even number of weight rows, got {n}")
     x2d = x2d.contiguous()
     q = q.contiguous()
     scale = scale.contiguous()
@@ -172,10 +181,11 @@ def triton_quant_matmul(
     if (bias is not None or residual is not None) and (config.kind != "gemv" or config.split_k > 1):
         y = triton_quant_matmul(x2d, q, scale, zero, bits, group_size, config)
         return _add_after(y, bias, residual)
+    n_out = n // 2 if glu else n
     if config.split_k > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x2d.device)
     else:
-        y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+        y = torch.empty(m, n_out, dtype=x2d.dtype, device=x2d.device)
     common: dict[str, Any] = dict(
         BITS=bits,
         HAS_ZERO=zero is not None,
@@ -188,7 +198,7 @@ def triton_quant_matmul(
     )
     if config.kind == "gemv":
         groups_per_block = max(1, config.block_k // group_size) if group_size < k else 1
-        grid = (triton.cdiv(n, config.block_n), m, config.split_k)
+        grid = (triton.cdiv(n_out, config.block_n), m, config.split_k)
         words = q.view(torch.int32)  # [N, K / (32 // bits)]: the same bytes, read 4 at a time
         with launch_device(x2d):
             _qgemv_kernel[grid](
@@ -199,7 +209,7 @@ def triton_quant_matmul(
                 bias if bias is not None else scale,  # unused without a bias
                 residual.contiguous() if residual is not None else scale,  # unused without a residual
                 y,
-                n,
+                n_out,
                 k,
                 x2d.stride(0),
                 words.stride(0),
@@ -210,6 +220,9 @@ def triton_quant_matmul(
                 HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None,
                 HALF2=bits == 4 and x2d.is_cuda and x2d.dtype == torch.float16,
+                GLU_SPLIT=n_out,
+                ROWS=config.block_n * (2 if glu else 1),
+                **fusion_args(fusion, scale),
                 **common,
             )
     else:
@@ -259,6 +272,8 @@ def _add_after(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tenso
 
 
 if triton is not None:
+    from .row_kernels import gemv_finish, gemv_rows
+
     # INT4 with float16 x: half2 arithmetic in inline PTX, one call per 32-bit word (8 codes). A lop3 puts
     # two codes (columns i and i + 4) into the mantissas of 1024.0 (the odd columns' as 16 c), one sub or
     # fma makes them c - 8 exactly, and fma.f16x2 multiplies two at a time by x / 16; the word's sum comes
@@ -329,6 +344,16 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
         HALF2: tl.constexpr,
+        sin_ptr,
+        eps,
+        g_ptr,
+        hg_ptr,
+        sout_ptr,
+        GLU_SPLIT,
+        ROWS: tl.constexpr,
+        IN_NORM: tl.constexpr,
+        GLU: tl.constexpr,
+        OUT_NORM: tl.constexpr,
     ):
         # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
         # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
@@ -346,11 +371,10 @@ if triton is not None:
         pid_n = tl.program_id(0)
         row = tl.program_id(1)
         pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        offs_n, n_mask = gemv_rows(pid_n, N, GLU_SPLIT, BLOCK_N, GLU)  # ROWS weight rows (GLU: two an output)
         offs_g = tl.arange(0, GROUPS_PER_BLOCK)
         x_row = x_ptr + row * stride_xm
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([ROWS], dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             g_idx = k0 // GROUP + offs_g
             s_offs = offs_n[:, None] * stride_sn + g_idx[None, :]  # [BN, NG]
@@ -375,10 +399,10 @@ if triton is not None:
                     dtype=tl.float32,
                     is_pure=True,
                     pack=1,
-                )  # [BN, WORDS]: sum((c - 8) * x) / 16 over each word
+                )  # [ROWS, WORDS]: sum((c - 8) * x) / 16 over each word
                 xsum = a0 + a1 + a2 + a3
             else:
-                prod = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+                prod = tl.zeros([ROWS, WORDS], dtype=tl.float32)
                 xsum = tl.zeros([WORDS], dtype=tl.float32)
                 for i in tl.static_range(PER_WORD):
                     if EVEN_K:
@@ -395,7 +419,7 @@ if triton is not None:
                         fbits = (moved & CODE_MASK) ^ 0x3FC00000  # flips the sign bit: code + 128
                     prod += fbits.to(tl.float32, bitcast=True) * xi[None, :]
                     xsum += xi
-            part = tl.sum(tl.reshape(prod, [BLOCK_N, GROUPS_PER_BLOCK, PER_GROUP]), 2)  # [BN, NG]
+            part = tl.sum(tl.reshape(prod, [ROWS, GROUPS_PER_BLOCK, PER_GROUP]), 2)  # [ROWS, NG]
             xs = tl.sum(tl.reshape(xsum, [GROUPS_PER_BLOCK, PER_GROUP]), 1)[None, :]  # [1, NG]
             if HALF2:  # part = sum((c - 8) * x) / 16
                 cx = 16.0 * part + 8.0 * xs
@@ -408,15 +432,31 @@ if triton is not None:
                 acc += tl.sum(s * cx + z * xs, 1)
             else:
                 acc += tl.sum(s * cx, 1)
-        y = y_ptr + row * stride_ym + offs_n
-        if HAS_BIAS:  # only without a split of K (the caller adds it otherwise)
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_RES:  # residual [M, N], contiguous
-            acc += tl.load(r_ptr + row * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SPLIT_K == 1:
-            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
-        else:
-            tl.atomic_add(y, acc, mask=n_mask)
+        if SPLIT_K == 1:  # bias, residual [M, N] and the fusions of row_fusion (one row only)
+            gemv_finish(
+                acc,
+                offs_n,
+                n_mask,
+                pid_n,
+                N,
+                K,
+                y_ptr + row * stride_ym,
+                b_ptr,
+                r_ptr + row * N,
+                sin_ptr,
+                eps,
+                g_ptr,
+                hg_ptr,
+                sout_ptr,
+                BLOCK_N,
+                HAS_BIAS,
+                HAS_RES,
+                IN_NORM,
+                GLU,
+                OUT_NORM,
+            )
+        else:  # the caller adds bias and residual
+            tl.atomic_add(y_ptr + row * stride_ym + offs_n, acc, mask=n_mask)
 
     @triton.jit
     def _qmm_kernel(

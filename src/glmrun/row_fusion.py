@@ -1,0 +1,76 @@
+"""A one-row decode step's norms and SwiGLU carried inside its products (CUDA, Triton, batch 1).
+
+A batch-1 decode step of ChatGLM2-6B on an H100 launched 57 RMSNorm kernels and 28 SwiGLU kernels
+between its weight products: ~0.17 ms of kernels and ~0.08 ms of gaps in a ~2.46 ms INT4 step
+(`benchmarks/results/h100/profile_int4.json`). Both fold into the products around them:
+
+* An RMSNorm before a product is linear but for one number: ``W (g * h * r) = r * W (g * h)`` with
+  ``r = 1 / sqrt(mean(h**2) + eps)``. The product that makes ``h`` (one that adds the residual) also
+  writes ``g * h`` and adds its outputs' share of ``sum(h**2)`` to a float32 cell; the next product
+  reads ``g * h`` as its input and multiplies its sums by ``r`` before the bias. (Re-reading x and the
+  norm weight in every program of the consuming kernel instead cost more than the norm kernel saved:
+  `benchmarks/results/README.md`.)
+* SwiGLU: a program of the up-projection computes gate row ``n`` and up row ``n + F`` side by side and
+  stores ``silu(gate) * up``, rounded as the separate kernel rounds.
+
+:class:`RowFusion` says what one kernel does; :class:`NormedRow` is the residual stream between two
+products. The kernels (``quant_kernels._qgemv_kernel``, ``layer_kernels._half_gemv_kernel``) share the
+Triton helpers of :mod:`glmrun.row_kernels`, whose ``norm_prep`` starts a chain where no product made ``h``
+(after the embedding). This module imports no Triton: the model names these types on the CPU too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["NormedRow", "RowFusion", "fusion_args"]
+
+
+@dataclass(frozen=True)
+class NormedRow:
+    """One row of the residual stream with what the next product needs to take its RMSNorm."""
+
+    h: Tensor  # [..., hidden]: the residual stream
+    scaled: Tensor  # weight * h, same shape and dtype (rounded to it)
+    sumsq: Tensor  # float32 [1]: sum(h**2) in float32
+    eps: float
+
+
+@dataclass(frozen=True)
+class RowFusion:
+    """What a one-row product does besides ``x @ W.T (+ bias) (+ residual)``.
+
+    ``row``: x is ``row.scaled``; the sums are multiplied by ``1 / sqrt(row.sumsq / K + row.eps)`` before
+    the bias (the norm of ``row.h``). ``glu``: the weight's rows are gate rows then up rows; the output is
+    ``silu(gate) * up`` (half as wide). ``out_weight``: the output (with the residual) is the next norm's
+    input: ``out_weight * y`` goes to ``out_scaled`` and ``sum(y**2)`` is added to ``out_sumsq`` (zeroed by
+    the caller).
+    """
+
+    row: NormedRow | None = None
+    glu: bool = False
+    out_weight: Tensor | None = None
+    out_scaled: Tensor | None = None
+    out_sumsq: Tensor | None = None
+
+
+def fusion_args(fusion: RowFusion | None, like: Tensor) -> dict[str, Any]:
+    """The fusion's pointer arguments and flags for a kernel built on row_kernels' ``gemv_rows`` / ``gemv_finish``
+    (``like`` stands in for unused pointers)."""
+    f = fusion or RowFusion()
+    if f.out_weight is not None and (f.out_scaled is None or f.out_sumsq is None):
+        raise ValueError("an output norm needs out_scaled and out_sumsq")
+    row = f.row
+    return dict(
+        sin_ptr=row.sumsq if row is not None else like,
+        eps=row.eps if row is not None else 0.0,
+        g_ptr=f.out_weight if f.out_weight is not None else like,
+        hg_ptr=f.out_scaled if f.out_scaled is not None else like,
+        sout_ptr=f.out_sumsq if f.out_sumsq is not None else like,
+        IN_NORM=row is not None,
+        GLU=f.glu,
+        OUT_NORM=f.out_weight is not None,
+    )

@@ -1,0 +1,105 @@
+"""Triton helpers of :mod:`glmrun.row_fusion`: the rows and epilogue of a fused one-row product, and ``norm_prep``.
+
+``gemv_rows`` / ``gemv_finish`` are called from the one-row kernels of :mod:`glmrun.quant_kernels` and
+:mod:`glmrun.layer_kernels`, so both weight formats fuse the same norms and SwiGLU with the same rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels import launch_device
+from .row_fusion import NormedRow
+from .triton_import import tl, triton
+
+__all__ = ["norm_prep"]
+
+
+def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow:
+    """The :class:`NormedRow` of one row ``h [..., hidden]`` with no product before it (one small kernel)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    k = h.shape[-1]
+    if h.numel() != k:
+        raise ValueError(f"norm_prep takes one row, got {tuple(h.shape)}")
+    h1 = h.reshape(k).contiguous()
+    scaled = torch.empty_like(h1)
+    with launch_device(h1):
+        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, num_warps=4)
+    return NormedRow(h, scaled.view(h.shape), sumsq, eps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def gemv_rows(pid, N_OUT, GLU_SPLIT, BLOCK_N: tl.constexpr, GLU: tl.constexpr):
+        """The weight rows of program ``pid`` and their mask: outputs ``pid * BLOCK_N ...``; with GLU, gate row
+        ``n`` and up row ``n + GLU_SPLIT`` interleaved (2 * BLOCK_N rows)."""
+        if GLU:
+            r = tl.arange(0, 2 * BLOCK_N)
+            out = pid * BLOCK_N + r // 2
+            rows = out + (r % 2) * GLU_SPLIT
+        else:
+            out = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows = out
+        return rows, out < N_OUT
+
+    @triton.jit
+    def gemv_finish(
+        acc,  # [BLOCK_N] (or [2 * BLOCK_N] with GLU) float32 sums of the rows from gemv_rows
+        rows,
+        row_mask,
+        pid,
+        N_OUT,
+        K,
+        y_ptr,
+        b_ptr,
+        r_ptr,
+        sin_ptr,
+        eps,
+        g_ptr,
+        hg_ptr,
+        sout_ptr,
+        BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        IN_NORM: tl.constexpr,
+        GLU: tl.constexpr,
+        OUT_NORM: tl.constexpr,
+    ):
+        """Input norm, bias, SwiGLU, residual and output norm of a one-row product; stores y (row 0 of y_ptr)."""
+        if IN_NORM:
+            acc = acc * tl.rsqrt(tl.load(sin_ptr) / K + eps)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = offs < N_OUT
+        if GLU:  # as the separate kernel: h rounded, silu rounded, product rounded
+            h = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            gate, up = tl.split(tl.reshape(h, [BLOCK_N, 2]))
+            act = (gate / (1.0 + tl.exp(-gate))).to(y_ptr.dtype.element_ty).to(tl.float32)
+            y = act * up
+        else:
+            y = acc
+        if HAS_RES:  # residual [N_OUT], one row
+            y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs, out, mask=mask)
+        if OUT_NORM:
+            o32 = tl.where(mask, out.to(tl.float32), 0.0)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(hg_ptr + offs, (o32 * g).to(hg_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_add(sout_ptr, tl.sum(o32 * o32, 0))
+
+    @triton.jit
+    def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, K, BLOCK: tl.constexpr):
+        total = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(hg_ptr + offs, (h * g).to(hg_ptr.dtype.element_ty), mask=mask)
+            total += h * h
+        tl.store(ss_ptr, tl.sum(total, 0))

@@ -113,13 +113,52 @@ def test_an_output_norm_writes_the_next_products_input(kind):
     assert abs(cell.item() - ss) <= 1e-5 * ss
 
 
+@pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
+def test_a_rotary_and_cache_write_in_the_qkv_product_match_rope_write(kind):
+    """ChatGLM2's layout in small: 4 query heads and 2 key/value heads of 16 dims, the first 8 of each rotating."""
+    from glmrun.config import ModelConfig
+    from glmrun.model import rotary_tables
+    from glmrun.row_fusion import RopeWrite
+
+    H, K, D, rows, max_len, row, position = 4, 2, 16, 3, 32, 1, 11
+    cfg = ModelConfig(
+        hidden_size=64,
+        num_layers=1,
+        num_attention_heads=H,
+        multi_query_group_num=K,
+        kv_channels=D,
+        ffn_hidden_size=64,
+        padded_vocab_size=64,
+        seq_length=max_len,
+        rotary_dim=8,
+    )
+    x, _ = _row(64, seed=13, scale=1.0)
+    layer = _layer(kind, (H + 2 * K) * D, 64, seed=14, bias=True)
+    pos = torch.tensor([position], device=DEVICE)
+    cos, sin = rotary_tables(cfg, pos[None])
+    caches = [torch.randn(2, rows, K, max_len, D, generator=_gen(15)).half().to(DEVICE) for _ in range(2)]
+    want_q = layer_kernels.rope_write(
+        _plain(layer, x).view(1, -1), cos.view(1, -1), sin.view(1, -1), pos, caches[0][0], caches[0][1], row, H, K
+    )
+    q = torch.empty(H * D, dtype=torch.float16, device=DEVICE)
+    k_row, v_row = caches[1][0][row], caches[1][1][row]
+    rope = RopeWrite(q, k_row, v_row, cos.view(-1), sin.view(-1), pos, H, K)
+    _product(layer, x, RowFusion(rope=rope))
+    assert (q.float() - want_q.view(-1).float()).abs().max().item() <= 1e-3 * want_q.float().abs().max().item()
+    diff = (caches[1].float() - caches[0].float()).abs()
+    assert diff.max().item() <= 1e-3 * caches[0][:, row, :, position].float().abs().max().item()
+    elsewhere = torch.ones_like(diff, dtype=torch.bool)
+    elsewhere[:, row, :, position] = False
+    assert diff[elsewhere].max().item() == 0  # nothing but the new position was written
+
+
 def test_fusion_args_refuse_an_output_norm_without_its_buffers():
     like = torch.zeros(1)
     with pytest.raises(ValueError, match="out_scaled and out_sumsq"):
-        fusion_args(RowFusion(out_weight=like), like)
+        fusion_args(RowFusion(out_weight=like), like, 8)
     row = NormedRow(like, like, like, 0.5)
-    args = fusion_args(RowFusion(row=row, glu=True), like)
-    assert args["IN_NORM"] and args["GLU"] and not args["OUT_NORM"] and args["eps"] == 0.5
+    args = fusion_args(RowFusion(row=row, glu=True), like, 8)
+    assert args["IN_NORM"] and args["GLU"] and not args["OUT_NORM"] and args["eps"] == 0.5 and not args["ROPE"]
 
 
 def test_a_fused_product_needs_one_row():

@@ -121,7 +121,7 @@ def half_gemv(
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             ROWS=block_n * (2 if glu else 1),
-            **fusion_args(fusion, weight),
+            **fusion_args(fusion, weight, block_n),
             num_warps=num_warps,
         )
     return y.view(*x.shape[:-1], n_out)
@@ -280,6 +280,19 @@ if triton is not None:
         IN_NORM: tl.constexpr,
         GLU: tl.constexpr,
         OUT_NORM: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cos_ptr,
+        sin_tab_ptr,
+        pos_ptr,
+        rot_pairs,
+        q_width,
+        k_width,
+        stride_kh,
+        stride_kp,
+        ROPE: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
         # BLOCK_N outputs per program (ROWS weight rows: two an output with GLU); products summed elementwise
         # in float32 and reduced once at the end.
@@ -309,12 +322,25 @@ if triton is not None:
             g_ptr,
             hg_ptr,
             sout_ptr,
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            cos_ptr,
+            sin_tab_ptr,
+            pos_ptr,
+            rot_pairs,
+            q_width,
+            k_width,
+            stride_kh,
+            stride_kp,
             BLOCK_N,
             HAS_BIAS,
             HAS_RES,
             IN_NORM,
             GLU,
             OUT_NORM,
+            ROPE,
+            HEAD_DIM,
         )
 
     @triton.jit

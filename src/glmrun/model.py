@@ -26,7 +26,7 @@ from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
 from .cpu_linear import BlockedCopy, HalfPacked, linear_rows
-from .row_fusion import NormedRow, RowFusion
+from .row_fusion import NormedRow, RopeWrite, RowFusion
 
 __all__ = ["ChatGLMForCausalLM", "rotary_tables", "apply_rotary"]
 
@@ -237,8 +237,14 @@ class SelfAttention(nn.Module):
         ``post`` (see row_fusion)."""
         from . import layer_kernels as lk
 
-        qkv = row_linear(self.query_key_value, row.scaled, RowFusion(row=row))  # [1, 1, (H + 2K) * D]
-        return row_into_norm(self.dense, self._rows_attention(lk, qkv, step, cache), row.h, post, cell)
+        H, D, r = self.heads, self.head_dim, step.first_row
+        k_buf, v_buf = cache.buffers(self.layer)
+        q = torch.empty(H * D, dtype=row.scaled.dtype, device=row.scaled.device)
+        cos, sin = step.cos.view(-1), step.sin.view(-1)
+        rope = RopeWrite(q, k_buf[r], v_buf[r], cos, sin, step.positions.view(1), H, self.kv_heads)
+        row_linear(self.query_key_value, row.scaled, RowFusion(row=row, rope=rope))  # q rotated; k, v cached
+        out = lk.decode_attention(q.view(1, H, D), k_buf, v_buf, step.positions.view(1), r, step.length)
+        return row_into_norm(self.dense, out.view(1, 1, H * D), row.h, post, cell)
 
     def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
         return (
@@ -487,7 +493,7 @@ class ChatGLMForCausalLM(nn.Module):
         masked: bool,
     ) -> torch.Tensor:
         """:meth:`run_layers` for one decode row on one GPU: the norms and SwiGLU ride in the products'
-        kernels (glmrun.row_fusion), so a layer launches 5 kernels instead of 8."""
+        kernels (glmrun.row_fusion) with the rotary and cache write, so a layer launches 6 kernels instead of 10."""
         from .row_kernels import norm_prep
 
         step = self._step_inputs(positions.to(x.device), length, first_row, "rows", masked)

@@ -222,7 +222,7 @@ def triton_quant_matmul(
                 HALF2=bits == 4 and x2d.is_cuda and x2d.dtype == torch.float16,
                 GLU_SPLIT=n_out,
                 ROWS=config.block_n * (2 if glu else 1),
-                **fusion_args(fusion, scale),
+                **fusion_args(fusion, scale, config.block_n),
                 **common,
             )
     else:
@@ -354,6 +354,19 @@ if triton is not None:
         IN_NORM: tl.constexpr,
         GLU: tl.constexpr,
         OUT_NORM: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cos_ptr,
+        sin_tab_ptr,
+        pos_ptr,
+        rot_pairs,
+        q_width,
+        k_width,
+        stride_kh,
+        stride_kp,
+        ROPE: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
         # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
         # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
@@ -448,12 +461,25 @@ if triton is not None:
                 g_ptr,
                 hg_ptr,
                 sout_ptr,
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                cos_ptr,
+                sin_tab_ptr,
+                pos_ptr,
+                rot_pairs,
+                q_width,
+                k_width,
+                stride_kh,
+                stride_kp,
                 BLOCK_N,
                 HAS_BIAS,
                 HAS_RES,
                 IN_NORM,
                 GLU,
                 OUT_NORM,
+                ROPE,
+                HEAD_DIM,
             )
         else:  # the caller adds bias and residual
             tl.atomic_add(y_ptr + row * stride_ym + offs_n, acc, mask=n_mask)

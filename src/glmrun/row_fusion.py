@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["NormedRow", "RowFusion", "fusion_args"]
+__all__ = ["NormedRow", "RopeWrite", "RowFusion", "fusion_args"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,22 @@ class NormedRow:
 
 
 @dataclass(frozen=True)
+class RopeWrite:
+    """The QKV product's outputs go where ``layer_kernels.rope_write`` puts them: q and k rotated (interleaved
+    pairs of the first ``2 * cos.numel()`` dims of each head), q into ``q`` and k, v into the caches at
+    ``position``, rounded as that kernel rounds."""
+
+    q: Tensor  # [heads * head_dim]
+    k_row: Tensor  # [kv_heads, max_len, head_dim]: the row's key buffer (a view of the cache)
+    v_row: Tensor
+    cos: Tensor  # float32 [R]
+    sin: Tensor
+    position: Tensor  # long [1]
+    heads: int
+    kv_heads: int
+
+
+@dataclass(frozen=True)
 class RowFusion:
     """What a one-row product does besides ``x @ W.T (+ bias) (+ residual)``.
 
@@ -47,7 +63,8 @@ class RowFusion:
     the bias (the norm of ``row.h``). ``glu``: the weight's rows are gate rows then up rows; the output is
     ``silu(gate) * up`` (half as wide). ``out_weight``: the output (with the residual) is the next norm's
     input: ``out_weight * y`` goes to ``out_scaled`` and ``sum(y**2)`` is added to ``out_sumsq`` (zeroed by
-    the caller).
+    the caller). ``rope``: the QKV product's outputs are rotated and stored in the cache (see RopeWrite); its
+    plain output is not written.
     """
 
     row: NormedRow | None = None
@@ -55,16 +72,35 @@ class RowFusion:
     out_weight: Tensor | None = None
     out_scaled: Tensor | None = None
     out_sumsq: Tensor | None = None
+    rope: RopeWrite | None = None
 
 
-def fusion_args(fusion: RowFusion | None, like: Tensor) -> dict[str, Any]:
+def fusion_args(fusion: RowFusion | None, like: Tensor, block_n: int) -> dict[str, Any]:
     """The fusion's pointer arguments and flags for a kernel built on row_kernels' ``gemv_rows`` / ``gemv_finish``
-    (``like`` stands in for unused pointers)."""
+    with ``block_n`` outputs a program (``like`` stands in for unused pointers)."""
     f = fusion or RowFusion()
+    if f.rope is not None and block_n % 2:
+        raise ValueError(f"a fused rotary needs an even number of outputs a program, got {block_n}")
     if f.out_weight is not None and (f.out_scaled is None or f.out_sumsq is None):
         raise ValueError("an output norm needs out_scaled and out_sumsq")
-    row = f.row
+    row, rope = f.row, f.rope
+    if rope is not None and (rope.k_row.stride(-1) != 1 or rope.v_row.stride() != rope.k_row.stride()):
+        raise ValueError("the cache rows must hold each head's dims contiguously, keys and values alike")
+    head_dim = rope.k_row.shape[-1] if rope is not None else 1
     return dict(
+        q_ptr=rope.q if rope is not None else like,
+        k_ptr=rope.k_row if rope is not None else like,
+        v_ptr=rope.v_row if rope is not None else like,
+        cos_ptr=rope.cos if rope is not None else like,
+        sin_tab_ptr=rope.sin if rope is not None else like,
+        pos_ptr=rope.position if rope is not None else like,
+        rot_pairs=rope.cos.numel() if rope is not None else 0,
+        q_width=rope.heads * head_dim if rope is not None else 0,
+        k_width=rope.kv_heads * head_dim if rope is not None else 0,
+        stride_kh=rope.k_row.stride(0) if rope is not None else 0,
+        stride_kp=rope.k_row.stride(1) if rope is not None else 0,
+        HEAD_DIM=head_dim,
+        ROPE=rope is not None,
         sin_ptr=row.sumsq if row is not None else like,
         eps=row.eps if row is not None else 0.0,
         g_ptr=f.out_weight if f.out_weight is not None else like,

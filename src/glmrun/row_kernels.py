@@ -61,14 +61,28 @@ if triton is not None:
         g_ptr,
         hg_ptr,
         sout_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cos_ptr,
+        sin_tab_ptr,
+        pos_ptr,
+        rot_pairs,
+        q_width,
+        k_width,
+        stride_kh,
+        stride_kp,
         BLOCK_N: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
         IN_NORM: tl.constexpr,
         GLU: tl.constexpr,
         OUT_NORM: tl.constexpr,
+        ROPE: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
-        """Input norm, bias, SwiGLU, residual and output norm of a one-row product; stores y (row 0 of y_ptr)."""
+        """Input norm, bias, SwiGLU, residual and output norm of a one-row product; stores y (row 0 of y_ptr), or
+        with ROPE the rotated q and the new k, v in the cache (BLOCK_N even: a program holds whole pairs)."""
         if IN_NORM:
             acc = acc * tl.rsqrt(tl.load(sin_ptr) / K + eps)
         if HAS_BIAS:
@@ -85,7 +99,28 @@ if triton is not None:
         if HAS_RES:  # residual [N_OUT], one row
             y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = y.to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs, out, mask=mask)
+        if ROPE:  # as layer_kernels' rope_write: float32 rotation of the rounded outputs, rounded again
+            even, odd = tl.split(tl.reshape(out.to(tl.float32), [BLOCK_N // 2, 2]))
+            n_even = pid * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
+            pair = (n_even % HEAD_DIM) // 2
+            rot = (pair < rot_pairs) & (n_even < q_width + k_width)
+            c = tl.load(cos_ptr + pair, mask=rot, other=1.0)
+            s = tl.load(sin_tab_ptr + pair, mask=rot, other=0.0)
+            e2 = (even * c - odd * s).to(y_ptr.dtype.element_ty)
+            o2 = (odd * c + even * s).to(y_ptr.dtype.element_ty)
+            out = tl.reshape(tl.join(e2, o2), [BLOCK_N])
+            pos = tl.load(pos_ptr)
+            tl.store(q_ptr + offs, out, mask=mask & (offs < q_width))
+            kn = offs - q_width  # k dims, then v dims
+            in_k = mask & (kn >= 0) & (kn < k_width)
+            k_at = (kn // HEAD_DIM) * stride_kh + pos * stride_kp + kn % HEAD_DIM
+            tl.store(k_ptr + k_at, out.to(k_ptr.dtype.element_ty), mask=in_k)
+            vn = kn - k_width
+            in_v = mask & (vn >= 0)
+            v_at = (vn // HEAD_DIM) * stride_kh + pos * stride_kp + vn % HEAD_DIM
+            tl.store(v_ptr + v_at, out.to(v_ptr.dtype.element_ty), mask=in_v)
+        else:
+            tl.store(y_ptr + offs, out, mask=mask)
         if OUT_NORM:
             o32 = tl.where(mask, out.to(tl.float32), 0.0)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)

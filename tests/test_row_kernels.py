@@ -15,7 +15,7 @@ from glmrun.cache import KVCache
 from glmrun.config import QuantSpec
 from glmrun.quant import QuantLinear
 from glmrun.row_fusion import NormedRow, RowFusion, fusion_args
-from glmrun.row_kernels import norm_prep
+from glmrun.row_kernels import ROW_SCALE, norm_prep
 
 pytestmark = pytest.mark.skipif(layer_kernels.triton is None, reason="needs Triton (the test extra installs it)")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,7 +62,7 @@ def test_norm_prep_gives_the_scaled_row_and_its_sum_of_squares():
     cell = torch.zeros(1, dtype=torch.float32, device=DEVICE)
     row = norm_prep(h, gamma, EPS, cell)
     assert row.h is h and row.sumsq is cell and row.eps == EPS
-    assert torch.equal(row.scaled.cpu(), (h.float() * gamma.float()).half().cpu())
+    assert torch.equal(row.scaled.cpu(), (h.float() * gamma.float() * ROW_SCALE).half().cpu())
     want = h.float().pow(2).sum().item()
     assert abs(cell.item() - want) <= 1e-5 * want
 
@@ -82,6 +82,20 @@ def test_a_norm_folded_into_the_product_matches_norm_then_product(kind, bias):
     got = _product(layer, row.scaled, RowFusion(row=row))
     want = _plain(layer, kernels.rms_norm(h, gamma, EPS))
     assert got.shape == want.shape == (1, 1, 48)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 4e-3 * want.float().abs().max().item(), err
+
+
+@pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
+def test_a_large_residual_stream_times_a_large_norm_weight_does_not_overflow(kind):
+    h, _ = _row(256, seed=16, scale=1.0)
+    h[..., :8] = 30000.0  # a few huge dims, as real residual streams have
+    gamma = torch.full((256,), 40.0, dtype=torch.float16, device=DEVICE)  # 30000 * 40 is past float16
+    layer = _layer(kind, 32, 256, seed=17)
+    row = norm_prep(h, gamma, EPS, torch.zeros(1, dtype=torch.float32, device=DEVICE))
+    got = _product(layer, row.scaled, RowFusion(row=row))
+    want = _plain(layer, kernels.rms_norm(h, gamma, EPS))
+    assert torch.isfinite(got).all()
     err = (got.float() - want.float()).abs().max().item()
     assert err <= 4e-3 * want.float().abs().max().item(), err
 
@@ -108,7 +122,7 @@ def test_an_output_norm_writes_the_next_products_input(kind):
     h = _product(layer, x, fusion, residual)
     want = _product(layer, x, RowFusion(), residual)  # the same kernel without the output norm
     assert torch.equal(h.cpu(), want.cpu())
-    assert torch.equal(scaled.cpu(), (h.float() * gamma.float()).half().cpu())
+    assert torch.equal(scaled.cpu(), (h.float() * gamma.float() * ROW_SCALE).half().cpu())
     ss = h.float().pow(2).sum().item()
     assert abs(cell.item() - ss) <= 1e-5 * ss
 

@@ -6,10 +6,10 @@ between its weight products: ~0.17 ms of kernels and ~0.08 ms of gaps in a ~2.46
 
 * An RMSNorm before a product is linear but for one number: ``W (g * h * r) = r * W (g * h)`` with
   ``r = 1 / sqrt(mean(h**2) + eps)``. The product that makes ``h`` (one that adds the residual) also
-  writes ``g * h`` and adds its outputs' share of ``sum(h**2)`` to a float32 cell; the next product
-  reads ``g * h`` as its input and multiplies its sums by ``r`` before the bias. (Re-reading x and the
-  norm weight in every program of the consuming kernel instead cost more than the norm kernel saved:
-  `benchmarks/results/README.md`.)
+  writes ``g * h`` (times 2**-8, so float16 cannot overflow) and adds its outputs' share of ``sum(h**2)``
+  to a float32 cell; the next product reads that as its input and multiplies its sums by ``r * 2**8``
+  before the bias. (Re-reading x and the norm weight in every program of the consuming kernel instead
+  cost more than the norm kernel saved: `benchmarks/results/README.md`.)
 * SwiGLU: a program of the up-projection computes gate row ``n`` and up row ``n + F`` side by side and
   stores ``silu(gate) * up``, rounded as the separate kernel rounds.
 
@@ -34,7 +34,7 @@ class NormedRow:
     """One row of the residual stream with what the next product needs to take its RMSNorm."""
 
     h: Tensor  # [..., hidden]: the residual stream
-    scaled: Tensor  # weight * h, same shape and dtype (rounded to it)
+    scaled: Tensor  # weight * h * row_kernels.ROW_SCALE (2**-8), same shape and dtype (rounded to it)
     sumsq: Tensor  # float32 [1]: sum(h**2) in float32
     eps: float
 
@@ -59,10 +59,10 @@ class RopeWrite:
 class RowFusion:
     """What a one-row product does besides ``x @ W.T (+ bias) (+ residual)``.
 
-    ``row``: x is ``row.scaled``; the sums are multiplied by ``1 / sqrt(row.sumsq / K + row.eps)`` before
-    the bias (the norm of ``row.h``). ``glu``: the weight's rows are gate rows then up rows; the output is
+    ``row``: x is ``row.scaled``; the sums are multiplied by ``1 / sqrt(row.sumsq / K + row.eps) / ROW_SCALE``
+    before the bias (the norm of ``row.h``). ``glu``: the weight's rows are gate rows then up rows; the output is
     ``silu(gate) * up`` (half as wide). ``out_weight``: the output (with the residual) is the next norm's
-    input: ``out_weight * y`` goes to ``out_scaled`` and ``sum(y**2)`` is added to ``out_sumsq`` (zeroed by
+    input: ``out_weight * y * ROW_SCALE`` goes to ``out_scaled`` and ``sum(y**2)`` is added to ``out_sumsq`` (zeroed by
     the caller). ``rope``: the QKV product's outputs are rotated and stored in the cache (see RopeWrite); its
     plain output is not written.
     """

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -13,7 +15,13 @@ from .kernels import launch_device
 from .row_fusion import NormedRow
 from .triton_import import tl, triton
 
-__all__ = ["norm_prep"]
+__all__ = ["ROW_SCALE", "norm_prep"]
+
+ROW_SCALE = 2.0**-8
+"""A NormedRow holds ``weight * h * ROW_SCALE``: the residual stream times the norm weight could pass float16's
+65504 where the normalized row never does; scaled down it cannot for ``|weight| < 256``, and the exponent is
+given back in the consumer's epilogue (exact: a power of two)."""
+_SCALE: Any = tl.constexpr(ROW_SCALE) if tl is not None else ROW_SCALE
 
 
 def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow:
@@ -84,7 +92,7 @@ if triton is not None:
         """Input norm, bias, SwiGLU, residual and output norm of a one-row product; stores y (row 0 of y_ptr), or
         with ROPE the rotated q and the new k, v in the cache (BLOCK_N even: a program holds whole pairs)."""
         if IN_NORM:
-            acc = acc * tl.rsqrt(tl.load(sin_ptr) / K + eps)
+            acc = acc * (tl.rsqrt(tl.load(sin_ptr) / K + eps) / _SCALE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,7 +132,7 @@ if triton is not None:
         if OUT_NORM:
             o32 = tl.where(mask, out.to(tl.float32), 0.0)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(hg_ptr + offs, (o32 * g).to(hg_ptr.dtype.element_ty), mask=mask)
+            tl.store(hg_ptr + offs, (o32 * g * _SCALE).to(hg_ptr.dtype.element_ty), mask=mask)
             tl.atomic_add(sout_ptr, tl.sum(o32 * o32, 0))
 
     @triton.jit
@@ -135,6 +143,6 @@ if triton is not None:
             mask = offs < K
             h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(hg_ptr + offs, (h * g).to(hg_ptr.dtype.element_ty), mask=mask)
+            tl.store(hg_ptr + offs, (h * g * _SCALE).to(hg_ptr.dtype.element_ty), mask=mask)
             total += h * h
         tl.store(ss_ptr, tl.sum(total, 0))

@@ -100,11 +100,20 @@ def row_into_norm(
     return NormedRow(h, scaled, cell, norm.eps)
 
 
-def rotary_tables(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [B, T, rotary_dim/2] float32, for absolute ``positions`` [B, T]."""
+def rotary_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
+    """The rotary angle per position of each rotated pair, [rotary_dim/2] float32."""
     rd = config.rotary_dim
-    exponent = torch.arange(0, rd, 2, device=positions.device, dtype=torch.float32) / rd
-    inv_freq = 1.0 / (config.rope_theta**exponent)  # [rd/2]
+    exponent = torch.arange(0, rd, 2, device=device, dtype=torch.float32) / rd
+    return 1.0 / (config.rope_theta**exponent)
+
+
+def rotary_tables(
+    config: ModelConfig, positions: torch.Tensor, inv_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [B, T, rotary_dim/2] float32, for absolute ``positions`` [B, T] (``inv_freq``: the
+    :func:`rotary_frequencies` of ``config`` on positions' device, when the caller keeps them)."""
+    if inv_freq is None:
+        inv_freq = rotary_frequencies(config, positions.device)
     angles = positions.float()[..., None] * inv_freq  # [B, T, rd/2]
     return torch.cos(angles), torch.sin(angles)
 
@@ -374,6 +383,7 @@ class ChatGLMForCausalLM(nn.Module):
         # A faster copy of the tied output matrix for the CPU (glmrun.cpu_linear): oneDNN-blocked for multi-row
         # logits, or float16 for dtype="float16"; a plain attribute, so it is neither saved nor moved.
         self.fast_head: BlockedCopy | HalfPacked | None = None
+        self._rotary_freqs: dict[torch.device, torch.Tensor] = {}  # rotary_frequencies(config) per device
         dev = torch.device(device) if device is not None else None
         self.transformer = Backbone(config, device=dev, dtype=dtype)
 
@@ -409,7 +419,10 @@ class ChatGLMForCausalLM(nn.Module):
         return self.transformer.embedding.word_embeddings.weight.dtype
 
     def _step_inputs(self, positions: torch.Tensor, length: int, first_row: int, mode: str, masked: bool) -> StepInputs:
-        cos, sin = rotary_tables(self.config, positions)
+        freqs = self._rotary_freqs.get(positions.device)
+        if freqs is None:  # once per device: a decode step then spends 4 small kernels on its tables, not 8
+            freqs = self._rotary_freqs[positions.device] = rotary_frequencies(self.config, positions.device)
+        cos, sin = rotary_tables(self.config, positions, freqs)
         group = self.config.num_attention_heads // self.config.num_kv_heads
         return StepInputs(positions, cos, sin, length, first_row, mode, masked, group, self.compute_dtype)
 

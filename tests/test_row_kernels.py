@@ -166,62 +166,6 @@ def test_a_rotary_and_cache_write_in_the_qkv_product_match_rope_write(kind):
     assert diff[elsewhere].max().item() == 0  # nothing but the new position was written
 
 
-def _pair_order(v: torch.Tensor) -> torch.Tensor:
-    """Each 8 values (v0..v7) as (v0, v4, v1, v5, v2, v6, v3, v7) / 16: the INT4 kernel's half2 inputs."""
-    return (v.float().view(-1, 2, 4).transpose(1, 2).reshape(-1) / 16).half()
-
-
-def test_norm_prep_in_pair_order():
-    h, gamma = _row(2048 + 64, seed=18)  # two loop turns, the second cut
-    plain = norm_prep(h, gamma, EPS, torch.zeros(1, dtype=torch.float32, device=DEVICE))
-    row = norm_prep(h, gamma, EPS, torch.zeros(1, dtype=torch.float32, device=DEVICE), paired=True)
-    assert plain.word_sums is None and row.word_sums is not None and row.word_sums.shape == (2112 // 8,)
-    assert torch.equal(row.scaled.view(-1).cpu(), _pair_order(plain.scaled.view(-1)).cpu())
-    want = plain.scaled.float().view(-1, 8).sum(1)
-    assert torch.allclose(row.word_sums.cpu(), want.cpu(), rtol=1e-6, atol=1e-9)
-    assert row.sumsq.item() == plain.sumsq.item()
-
-
-def test_rows_in_pair_order_feed_int4_products_as_plain_rows_do():
-    """Output norm -> QKV-like product and SwiGLU -> down product, in pair order, against the same chain in plain
-    order (the products' own kernel, so the difference is only how x reaches it)."""
-    x, _ = _row(64, seed=19, scale=1.0)
-    residual, gamma = _row(128, seed=20)
-    attn_out = _layer("int4", 128, 64, seed=21)
-    up = _layer("int4", 2 * 96, 128, seed=22)
-    down = _layer("int4", 128, 96, seed=23)
-    got = {}
-    for paired in (False, True):
-        cell = torch.zeros(1, dtype=torch.float32, device=DEVICE)
-        scaled = torch.empty_like(residual)
-        sums = torch.empty(16, dtype=torch.float32, device=DEVICE) if paired else None
-        fusion = RowFusion(out_weight=gamma, out_scaled=scaled, out_sumsq=cell, pair_sums=sums)
-        h = _product(attn_out, x, fusion, residual)
-        row = NormedRow(h, scaled, cell, EPS, sums)
-        act_sums = torch.empty(12, dtype=torch.float32, device=DEVICE) if paired else None
-        act = _product(up, scaled, RowFusion(row=row, glu=True, x_sums=sums, pair_sums=act_sums))
-        got[paired] = (scaled, act, _product(down, act, RowFusion(x_sums=act_sums), h))
-    assert torch.equal(got[True][0].view(-1).cpu(), _pair_order(got[False][0].view(-1)).cpu())
-    # The up product read x / 16 rounded to float16 (as the GPU's half2 path always does): close, not equal.
-    act, want_act = got[True][1].view(-1).float(), _pair_order(got[False][1].view(-1)).float()
-    assert (act - want_act).abs().max().item() <= 1e-2 * want_act.abs().max().item()
-    plain, paired = got[False][2].float(), got[True][2].float()
-    assert (paired - plain).abs().max().item() <= 2e-3 * plain.abs().max().item()
-
-
-def test_pair_order_is_refused_where_no_int4_product_reads_it():
-    x, _ = _row(64, seed=24)
-    sums = torch.zeros(8, dtype=torch.float32, device=DEVICE)
-    with pytest.raises(ValueError, match="plain order"):
-        _product(_layer("float16", 16, 64, seed=25), x, RowFusion(x_sums=sums))
-    with pytest.raises(ValueError, match="INT4 products"):
-        _product(_layer("int8", 16, 64, seed=26), x, RowFusion(x_sums=sums))
-    with pytest.raises(ValueError, match="8k outputs"):  # the float16 product writes 2 outputs a program
-        _product(_layer("float16", 32, 64, seed=27), x, RowFusion(glu=True, pair_sums=sums))
-    with pytest.raises(ValueError, match="float16 and a width"):
-        norm_prep(x[..., :60], torch.ones(60, device=DEVICE), EPS, sums[:1], paired=True)
-
-
 def test_fusion_args_refuse_an_output_norm_without_its_buffers():
     like = torch.zeros(1)
     with pytest.raises(ValueError, match="out_scaled and out_sumsq"):

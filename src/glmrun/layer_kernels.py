@@ -95,8 +95,6 @@ def half_gemv(
     if triton is None:
         raise RuntimeError("Triton is not installed")
     n, k = weight.shape
-    if fusion is not None and fusion.x_sums is not None:
-        raise ValueError("the float16 product reads its row in plain order (pair order is for INT4 products)")
     glu = fusion is not None and fusion.glu
     if glu and n % 2:
         raise ValueError(f"SwiGLU needs an even number of weight rows, got {n}")
@@ -295,10 +293,6 @@ if triton is not None:
         stride_kp,
         ROPE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        ps_ptr,
-        xs_ptr,
-        PAIR_OUT: tl.constexpr,
-        X_PAIRED: tl.constexpr,
     ):
         # BLOCK_N outputs per program (ROWS weight rows: two an output with GLU); products summed elementwise
         # in float32 and reduced once at the end.
@@ -339,7 +333,6 @@ if triton is not None:
             k_width,
             stride_kh,
             stride_kp,
-            ps_ptr,
             BLOCK_N,
             HAS_BIAS,
             HAS_RES,
@@ -348,7 +341,6 @@ if triton is not None:
             OUT_NORM,
             ROPE,
             HEAD_DIM,
-            PAIR_OUT,
         )
 
     @triton.jit

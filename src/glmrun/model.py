@@ -90,30 +90,14 @@ def row_linear(
 
 
 def row_into_norm(
-    layer: nn.Module,
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm: RMSNorm | None,
-    cell: torch.Tensor | None,
-    *,
-    x_sums: torch.Tensor | None = None,
-    paired: bool = False,
+    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm | None, cell: torch.Tensor | None
 ) -> NormedRow | torch.Tensor:
-    """``residual + layer(x)`` for one row; with ``norm``, as a NormedRow for it (``cell``: a zeroed float32 [1]),
-    in INT4 pair order when ``paired``. ``x_sums``: x is in pair order (see RowFusion)."""
+    """``residual + layer(x)`` for one row; with ``norm``, as a NormedRow for it (``cell``: a zeroed float32 [1])."""
     if norm is None or cell is None:
-        return row_linear(layer, x, RowFusion(x_sums=x_sums), residual)
+        return row_linear(layer, x, RowFusion(), residual)
     scaled = torch.empty_like(residual)
-    sums = torch.empty(residual.shape[-1] // 8, dtype=torch.float32, device=x.device) if paired else None
-    fusion = RowFusion(out_weight=norm.weight, out_scaled=scaled, out_sumsq=cell, pair_sums=sums, x_sums=x_sums)
-    h = row_linear(layer, x, fusion, residual)
-    return NormedRow(h, scaled, cell, norm.eps, sums)
-
-
-def _int4_half(layer: nn.Module, x: torch.Tensor) -> bool:
-    """An INT4 product of a float16 row: it can read its row in pair order (row_fusion)."""
-    spec = getattr(layer, "spec", None)
-    return getattr(spec, "bits", None) == 4 and x.dtype == torch.float16
+    h = row_linear(layer, x, RowFusion(out_weight=norm.weight, out_scaled=scaled, out_sumsq=cell), residual)
+    return NormedRow(h, scaled, cell, norm.eps)
 
 
 def rotary_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
@@ -256,10 +240,10 @@ class SelfAttention(nn.Module):
         return cast(torch.Tensor, out).view(B, 1, H * D)
 
     def forward_row(
-        self, row: NormedRow, step: StepInputs, cache: KVCache, post: RMSNorm, cell: torch.Tensor, paired: bool
+        self, row: NormedRow, step: StepInputs, cache: KVCache, post: RMSNorm, cell: torch.Tensor
     ) -> NormedRow | torch.Tensor:
         """One decode row on CUDA with the norms in the products: ``row.h + attention(norm(row.h))``, normed for
-        ``post`` (in INT4 pair order when ``paired``; see row_fusion)."""
+        ``post`` (see row_fusion)."""
         from . import layer_kernels as lk
 
         H, D, r = self.heads, self.head_dim, step.first_row
@@ -267,10 +251,9 @@ class SelfAttention(nn.Module):
         q = torch.empty(H * D, dtype=row.scaled.dtype, device=row.scaled.device)
         cos, sin = step.cos.view(-1), step.sin.view(-1)
         rope = RopeWrite(q, k_buf[r], v_buf[r], cos, sin, step.positions.view(1), H, self.kv_heads)
-        fusion = RowFusion(row=row, rope=rope, x_sums=row.word_sums)
-        row_linear(self.query_key_value, row.scaled, fusion)  # q rotated; k, v in the cache
+        row_linear(self.query_key_value, row.scaled, RowFusion(row=row, rope=rope))  # q rotated; k, v cached
         out = lk.decode_attention(q.view(1, H, D), k_buf, v_buf, step.positions.view(1), r, step.length)
-        return row_into_norm(self.dense, out.view(1, 1, H * D), row.h, post, cell, paired=paired)
+        return row_into_norm(self.dense, out.view(1, 1, H * D), row.h, post, cell)
 
     def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
         return (
@@ -324,16 +307,11 @@ class MLP(nn.Module):
             act = kernels.on_device(kernels.swiglu, h)(h)
         return linear(self.dense_4h_to_h, act, residual)
 
-    def forward_row(
-        self, row: NormedRow, after: RMSNorm | None, cell: torch.Tensor | None, paired: bool
-    ) -> NormedRow | torch.Tensor:
+    def forward_row(self, row: NormedRow, after: RMSNorm | None, cell: torch.Tensor | None) -> NormedRow | torch.Tensor:
         """``row.h + mlp(norm(row.h))`` for one row, its SwiGLU in the up projection's kernel; normed for
-        ``after`` when given (rows handed on in INT4 pair order when ``paired``; see row_fusion)."""
-        width = self.dense_4h_to_h.in_features
-        act_sums = torch.empty(width // 8, dtype=torch.float32, device=row.h.device) if paired else None
-        fusion = RowFusion(row=row, glu=True, x_sums=row.word_sums, pair_sums=act_sums)
-        act = row_linear(self.dense_h_to_4h, row.scaled, fusion)  # [1, 1, ffn]
-        return row_into_norm(self.dense_4h_to_h, act, row.h, after, cell, x_sums=act_sums, paired=paired)
+        ``after`` when given (see row_fusion)."""
+        act = row_linear(self.dense_h_to_4h, row.scaled, RowFusion(row=row, glu=True))  # [1, 1, ffn]
+        return row_into_norm(self.dense_4h_to_h, act, row.h, after, cell)
 
     def row_fusable(self, x: torch.Tensor, lk: ModuleType) -> bool:
         return _row_fusable(self.dense_h_to_4h, x, lk) and _row_fusable(self.dense_4h_to_h, x, lk)
@@ -359,16 +337,11 @@ class GLMBlock(nn.Module):
         cache: KVCache,
         cells: torch.Tensor,  # float32 [2], zeroed: sum(h**2) of the two norms that follow
         after: RMSNorm | None,  # the next layer's input norm, or None (the result is then the plain h)
-        paired: bool = False,  # rows handed between products in INT4 pair order (every product INT4, float16)
     ) -> NormedRow | torch.Tensor:
         """:meth:`forward` of one decode row (CUDA) with the norms and SwiGLU inside the products."""
-        h = self.self_attention.forward_row(row, step, cache, self.post_attention_layernorm, cells[0:1], paired)
+        h = self.self_attention.forward_row(row, step, cache, self.post_attention_layernorm, cells[0:1])
         assert isinstance(h, NormedRow)
-        return self.mlp.forward_row(h, after, cells[1:2], paired)
-
-    def linears(self) -> tuple[nn.Module, ...]:
-        att, mlp = self.self_attention, self.mlp
-        return att.query_key_value, att.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
+        return self.mlp.forward_row(h, after, cells[1:2])
 
     def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
         """Whether :meth:`forward_row` serves the one-row ``x`` (CUDA kernels for every product and the attention)."""
@@ -539,15 +512,12 @@ class ChatGLMForCausalLM(nn.Module):
         step = self._step_inputs(positions.to(x.device), length, first_row, "rows", masked)
         blocks = [self.blocks()[i] for i in layers]
         cells = torch.zeros(2 * len(blocks) + 1, dtype=torch.float32, device=x.device)  # one sum(h**2) a norm
-        # Every product INT4 on float16 rows: the rows between them go in the INT4 kernel's pair order, so it
-        # loads its half2 inputs instead of converting and pairing x in every program.
-        paired = all(_int4_half(layer, x) for block in blocks for layer in block.linears())
         first = blocks[0].input_layernorm
-        out: NormedRow | torch.Tensor = norm_prep(x, first.weight, first.eps, cells[0:1], paired=paired)
+        out: NormedRow | torch.Tensor = norm_prep(x, first.weight, first.eps, cells[0:1])
         for j, block in enumerate(blocks):
             after = blocks[j + 1].input_layernorm if j + 1 < len(blocks) else None
             assert isinstance(out, NormedRow)
-            out = block.forward_row(out, step, cache, cells[2 * j + 1 : 2 * j + 3], after, paired)
+            out = block.forward_row(out, step, cache, cells[2 * j + 1 : 2 * j + 3], after)
         assert isinstance(out, torch.Tensor)
         return out
 

@@ -168,8 +168,6 @@ def triton_quant_matmul(
     if not _block_k_fits(config.block_k, group_size, k, config.kind, bits):
         raise ValueError(f"block_k {config.block_k} does not fit group_size {group_size} and K {k}")
     glu = fusion is not None and fusion.glu
-    if fusion is not None and fusion.x_sums is not None and (bits != 4 or x2d.dtype != torch.float16):
-        raise ValueError("pair order is read by INT4 products of float16 rows")
     if fusion is not None and (m != 1 or config.kind != "gemv" or config.split_k != 1):
         raise ValueError("a fused norm or SwiGLU needs one row and the one-row kernel without a split of K")
     if glu and n % 2:
@@ -369,10 +367,6 @@ if triton is not None:
         stride_kp,
         ROPE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        ps_ptr,
-        xs_ptr,
-        PAIR_OUT: tl.constexpr,
-        X_PAIRED: tl.constexpr,
     ):
         # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
         # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
@@ -407,19 +401,10 @@ if triton is not None:
             else:
                 w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
             if HALF2:  # INT4: word j holds columns 8j..8j+7; the PTX pairs column i with column i + 4
-                if X_PAIRED:  # x came in those pairs, already / 16, with each word's sum (row_fusion)
-                    xw = x_row.to(tl.pointer_type(tl.int32)) + kw * 4
-                    p0 = tl.load(xw, mask=k_mask, other=0)
-                    p1 = tl.load(xw + 1, mask=k_mask, other=0)
-                    p2 = tl.load(xw + 2, mask=k_mask, other=0)
-                    p3 = tl.load(xw + 3, mask=k_mask, other=0)
-                    xsum = tl.load(xs_ptr + kw, mask=k_mask, other=0.0)
-                else:
-                    p0, a0 = _half2_of(x_row, kw * 8, kw * 8 + 4, k_mask, 0.0625)
-                    p1, a1 = _half2_of(x_row, kw * 8 + 1, kw * 8 + 5, k_mask, 0.0625)
-                    p2, a2 = _half2_of(x_row, kw * 8 + 2, kw * 8 + 6, k_mask, 0.0625)
-                    p3, a3 = _half2_of(x_row, kw * 8 + 3, kw * 8 + 7, k_mask, 0.0625)
-                    xsum = a0 + a1 + a2 + a3
+                p0, a0 = _half2_of(x_row, kw * 8, kw * 8 + 4, k_mask, 0.0625)
+                p1, a1 = _half2_of(x_row, kw * 8 + 1, kw * 8 + 5, k_mask, 0.0625)
+                p2, a2 = _half2_of(x_row, kw * 8 + 2, kw * 8 + 6, k_mask, 0.0625)
+                p3, a3 = _half2_of(x_row, kw * 8 + 3, kw * 8 + 7, k_mask, 0.0625)
                 prod = tl.inline_asm_elementwise(
                     _INT4_HALF2,
                     "=r,r,r,r,r,r",
@@ -428,15 +413,12 @@ if triton is not None:
                     is_pure=True,
                     pack=1,
                 )  # [ROWS, WORDS]: sum((c - 8) * x) / 16 over each word
+                xsum = a0 + a1 + a2 + a3
             else:
                 prod = tl.zeros([ROWS, WORDS], dtype=tl.float32)
                 xsum = tl.zeros([WORDS], dtype=tl.float32)
                 for i in tl.static_range(PER_WORD):
-                    if X_PAIRED:  # INT4 in pair order: column i is x / 16 at 8j + 2 (i % 4) + i // 4
-                        xi = 16.0 * tl.load(x_row + kw * 8 + 2 * (i % 4) + i // 4, mask=k_mask, other=0.0).to(
-                            tl.float32
-                        )
-                    elif EVEN_K:
+                    if EVEN_K:
                         xi = tl.load(x_row + kw * PER_WORD + i).to(tl.float32)
                     else:
                         xi = tl.load(x_row + kw * PER_WORD + i, mask=k_mask, other=0.0).to(tl.float32)
@@ -490,7 +472,6 @@ if triton is not None:
                 k_width,
                 stride_kh,
                 stride_kp,
-                ps_ptr,
                 BLOCK_N,
                 HAS_BIAS,
                 HAS_RES,
@@ -499,7 +480,6 @@ if triton is not None:
                 OUT_NORM,
                 ROPE,
                 HEAD_DIM,
-                PAIR_OUT,
             )
         else:  # the caller adds bias and residual
             tl.atomic_add(y_ptr + row * stride_ym + offs_n, acc, mask=n_mask)

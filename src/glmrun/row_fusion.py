@@ -37,7 +37,6 @@ class NormedRow:
     scaled: Tensor  # weight * h * row_kernels.ROW_SCALE (2**-8), same shape and dtype (rounded to it)
     sumsq: Tensor  # float32 [1]: sum(h**2) in float32
     eps: float
-    word_sums: Tensor | None = None  # set: ``scaled`` is in INT4 pair order (see RowFusion.pair_sums)
 
 
 @dataclass(frozen=True)
@@ -66,12 +65,6 @@ class RowFusion:
     input: ``out_weight * y * ROW_SCALE`` goes to ``out_scaled`` and ``sum(y**2)`` is added to ``out_sumsq`` (zeroed by
     the caller). ``rope``: the QKV product's outputs are rotated and stored in the cache (see RopeWrite); its
     plain output is not written.
-
-    Pair order (float16 only, for an INT4 product that reads the row next): ``pair_sums`` (float32
-    ``[width / 8]``) makes the kernel write the row it hands on (``out_scaled``, or the SwiGLU output) as the
-    INT4 kernel's half2 words take it, each 8 values ``v`` as ``(v0, v4, v1, v5, v2, v6, v3, v7) / 16``, and
-    the float32 sum of each 8 into ``pair_sums``; ``x_sums``: x is in that order with those sums. The INT4
-    kernel then loads its inputs instead of converting and pairing them in every program.
     """
 
     row: NormedRow | None = None
@@ -80,8 +73,6 @@ class RowFusion:
     out_scaled: Tensor | None = None
     out_sumsq: Tensor | None = None
     rope: RopeWrite | None = None
-    pair_sums: Tensor | None = None
-    x_sums: Tensor | None = None
 
 
 def fusion_args(fusion: RowFusion | None, like: Tensor, block_n: int) -> dict[str, Any]:
@@ -90,8 +81,6 @@ def fusion_args(fusion: RowFusion | None, like: Tensor, block_n: int) -> dict[st
     f = fusion or RowFusion()
     if f.rope is not None and block_n % 2:
         raise ValueError(f"a fused rotary needs an even number of outputs a program, got {block_n}")
-    if f.pair_sums is not None and (block_n % 8 or not (f.glu or f.out_weight is not None)):
-        raise ValueError("pair order is written by a SwiGLU or output-norm product with 8k outputs a program")
     if f.out_weight is not None and (f.out_scaled is None or f.out_sumsq is None):
         raise ValueError("an output norm needs out_scaled and out_sumsq")
     row, rope = f.row, f.rope
@@ -112,10 +101,6 @@ def fusion_args(fusion: RowFusion | None, like: Tensor, block_n: int) -> dict[st
         stride_kp=rope.k_row.stride(1) if rope is not None else 0,
         HEAD_DIM=head_dim,
         ROPE=rope is not None,
-        ps_ptr=f.pair_sums if f.pair_sums is not None else like,
-        xs_ptr=f.x_sums if f.x_sums is not None else like,
-        PAIR_OUT=f.pair_sums is not None,
-        X_PAIRED=f.x_sums is not None,
         sin_ptr=row.sumsq if row is not None else like,
         eps=row.eps if row is not None else 0.0,
         g_ptr=f.out_weight if f.out_weight is not None else like,

@@ -24,40 +24,21 @@ given back in the consumer's epilogue (exact: a power of two)."""
 _SCALE: Any = tl.constexpr(ROW_SCALE) if tl is not None else ROW_SCALE
 
 
-def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor, *, paired: bool = False) -> NormedRow:
-    """The :class:`NormedRow` of one row ``h [..., hidden]`` with no product before it (one small kernel);
-    ``paired``: in INT4 pair order (see RowFusion)."""
+def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow:
+    """The :class:`NormedRow` of one row ``h [..., hidden]`` with no product before it (one small kernel)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     k = h.shape[-1]
     if h.numel() != k:
         raise ValueError(f"norm_prep takes one row, got {tuple(h.shape)}")
-    if paired and (k % 8 or h.dtype != torch.float16):
-        raise ValueError(f"pair order needs float16 and a width that is a multiple of 8, got {h.dtype}, {k}")
     h1 = h.reshape(k).contiguous()
     scaled = torch.empty_like(h1)
-    sums = torch.empty(k // 8, dtype=torch.float32, device=h.device) if paired else sumsq
     with launch_device(h1):
-        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, sums, k, BLOCK=1024, PAIRED=paired, num_warps=4)
-    return NormedRow(h, scaled.view(h.shape), sumsq, eps, sums if paired else None)
+        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, num_warps=4)
+    return NormedRow(h, scaled.view(h.shape), sumsq, eps)
 
 
 if triton is not None:
-
-    @triton.jit
-    def store_row(dst_ptr, sums_ptr, vals, offs, mask, first_word, BLOCK: tl.constexpr, PAIRED: tl.constexpr):
-        """Store ``vals`` (float32, elements ``offs`` of a row; ``offs[0] = 8 * first_word``) rounded to dst's
-        dtype, or in pair order: each 8 as (v0, v4, v1, v5, v2, v6, v3, v7) / 16 and their sums in sums_ptr."""
-        v = vals.to(dst_ptr.dtype.element_ty)
-        if PAIRED:
-            i = offs % 8
-            v32 = tl.where(mask, v.to(tl.float32), 0.0)
-            tl.store(dst_ptr + offs - i + 2 * (i % 4) + i // 4, (v32 * 0.0625).to(dst_ptr.dtype.element_ty), mask=mask)
-            words = first_word + tl.arange(0, BLOCK // 8)
-            sums = tl.sum(tl.reshape(v32, [BLOCK // 8, 8]), 1)
-            tl.store(sums_ptr + words, sums, mask=tl.max(tl.reshape(mask.to(tl.int32), [BLOCK // 8, 8]), 1) > 0)
-        else:
-            tl.store(dst_ptr + offs, v, mask=mask)
 
     @triton.jit
     def gemv_rows(pid, N_OUT, GLU_SPLIT, BLOCK_N: tl.constexpr, GLU: tl.constexpr):
@@ -99,7 +80,6 @@ if triton is not None:
         k_width,
         stride_kh,
         stride_kp,
-        ps_ptr,
         BLOCK_N: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
@@ -108,7 +88,6 @@ if triton is not None:
         OUT_NORM: tl.constexpr,
         ROPE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        PAIR_OUT: tl.constexpr,
     ):
         """Input norm, bias, SwiGLU, residual and output norm of a one-row product; stores y (row 0 of y_ptr), or
         with ROPE the rotated q and the new k, v in the cache (BLOCK_N even: a program holds whole pairs)."""
@@ -128,7 +107,6 @@ if triton is not None:
         if HAS_RES:  # residual [N_OUT], one row
             y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = y.to(y_ptr.dtype.element_ty)
-        first_word = pid * (BLOCK_N // 8)
         if ROPE:  # as layer_kernels' rope_write: float32 rotation of the rounded outputs, rounded again
             even, odd = tl.split(tl.reshape(out.to(tl.float32), [BLOCK_N // 2, 2]))
             n_even = pid * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
@@ -149,24 +127,22 @@ if triton is not None:
             in_v = mask & (vn >= 0)
             v_at = (vn // HEAD_DIM) * stride_kh + pos * stride_kp + vn % HEAD_DIM
             tl.store(v_ptr + v_at, out.to(v_ptr.dtype.element_ty), mask=in_v)
-        elif GLU:  # the SwiGLU output is what the next product reads: in pair order if it wants it
-            store_row(y_ptr, ps_ptr, y, offs, mask, first_word, BLOCK_N, PAIR_OUT)
         else:
             tl.store(y_ptr + offs, out, mask=mask)
         if OUT_NORM:
             o32 = tl.where(mask, out.to(tl.float32), 0.0)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            store_row(hg_ptr, ps_ptr, o32 * g * _SCALE, offs, mask, first_word, BLOCK_N, PAIR_OUT)
+            tl.store(hg_ptr + offs, (o32 * g * _SCALE).to(hg_ptr.dtype.element_ty), mask=mask)
             tl.atomic_add(sout_ptr, tl.sum(o32 * o32, 0))
 
     @triton.jit
-    def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, ps_ptr, K, BLOCK: tl.constexpr, PAIRED: tl.constexpr):
+    def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, K, BLOCK: tl.constexpr):
         total = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             mask = offs < K
             h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            store_row(hg_ptr, ps_ptr, h * g * _SCALE, offs, mask, k0 // 8, BLOCK, PAIRED)
+            tl.store(hg_ptr + offs, (h * g * _SCALE).to(hg_ptr.dtype.element_ty), mask=mask)
             total += h * h
         tl.store(ss_ptr, tl.sum(total, 0))

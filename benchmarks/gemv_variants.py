@@ -12,8 +12,6 @@ is loaded before the current one is used:
 * ``MODE 2``: half2 arithmetic in inline PTX: two codes a ``lop3`` into the mantissas of ``1024.0``
   (INT8: a ``prmt``), one ``fma`` removes the offset, two products a ``fma.f16x2``, one float32 sum a word
   (x pre-scaled so no half overflows for ``|x| < 32768``; float16 x only);
-* ``MODE 3`` (INT4): ``MODE 2`` with x already in the half2 words the PTX takes, and each word's sum of x,
-  as the kernel that produces x could write them: what the one-row kernel spends preparing x;
 * ``PDL`` (programmatic dependent launch, Hopper): the first K-block of weights is loaded before waiting
   for the previous kernel, so consecutive kernels overlap their start and end. Loading the next K-block
   before the current block's arithmetic (software prefetch) was measured in a first run and was slower
@@ -149,21 +147,13 @@ def _block_dot(
     offs_g = tl.arange(0, NG)
     k_mask = kw < K // PER_WORD
     xs_w = tl.zeros([WORDS], dtype=tl.float32)  # sum of x over each word's codes
-    if MODE >= 2:
-        if BITS == 4 and MODE == 3:  # x given as its half2 words (x / 16 paired as the PTX takes them), then sums
-            xw = x_ptr.to(tl.pointer_type(tl.int32))
-            xp0 = tl.load(xw + kw * 4, mask=k_mask, other=0)
-            xp1 = tl.load(xw + kw * 4 + 1, mask=k_mask, other=0)
-            xp2 = tl.load(xw + kw * 4 + 2, mask=k_mask, other=0)
-            xp3 = tl.load(xw + kw * 4 + 3, mask=k_mask, other=0)
-            xs_w = tl.load(xw + (K // 8) * 4 + kw, mask=k_mask, other=0).to(tl.float32, bitcast=True)
-        elif BITS == 4:
+    if MODE == 2:
+        if BITS == 4:
             xp0, xa0 = _x_pair(x_ptr, kw, k_mask, 0)
             xp1, xa1 = _x_pair(x_ptr, kw, k_mask, 1)
             xp2, xa2 = _x_pair(x_ptr, kw, k_mask, 2)
             xp3, xa3 = _x_pair(x_ptr, kw, k_mask, 3)
             xs_w = xa0 + xa1 + xa2 + xa3
-        if BITS == 4:
             prod = tl.inline_asm_elementwise(
                 _INT4_HALF2,
                 "=r,r,r,r,r,r",
@@ -268,19 +258,10 @@ def _vgemv_kernel(
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def paired_x(x: Tensor) -> Tensor:
-    """MODE 3's input: x / 16 in float16 as the INT4 PTX pairs it (word j: columns (8j + i, 8j + i + 4) for i < 4),
-    then each word's float32 sum of x; one int32 buffer. (What the kernel producing x would write.)"""
-    k = x.shape[-1]
-    pairs = (x.float() / 16).half().view(k // 8, 2, 4).transpose(1, 2).reshape(-1).view(torch.int32)
-    sums = x.float().view(k // 8, 8).sum(1).view(torch.int32)
-    return torch.cat((pairs, sums))
-
-
 def vgemv(x: Tensor, q: Tensor, s: Tensor, z: Tensor, bits: int, cfg: dict[str, int]) -> Tensor:
     n = q.shape[0]
     k = x.shape[-1]
-    y = torch.empty(1, n, dtype=torch.float16, device=x.device)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     words = q.view(torch.int32)
     bk = cfg["bk"]
     _vgemv_kernel[(triton.cdiv(n, cfg["bn"]),)](
@@ -377,11 +358,7 @@ def main() -> None:
                 cfg = dict(mode=mode, pdl=pdl, bn=bn, warps=warps, bk=bk)
                 label = f"m{mode}" + ("_pdl" if pdl else "")
 
-                if mode == 3 and bits != 4:
-                    continue
-                xi = paired_x(x) if mode == 3 else x
-
-                def call(st: tuple[Tensor, ...], cfg: dict[str, int] = cfg, x: Tensor = xi, bits: int = bits) -> Tensor:
+                def call(st: tuple[Tensor, ...], cfg: dict[str, int] = cfg, x: Tensor = x, bits: int = bits) -> Tensor:
                     return vgemv(x, st[0], st[1], st[2], bits, cfg)
 
                 try:

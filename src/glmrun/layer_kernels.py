@@ -99,6 +99,8 @@ def half_gemv(
     if glu and n % 2:
         raise ValueError(f"SwiGLU needs an even number of weight rows, got {n}")
     n_out = n // 2 if glu else n
+    if glu and block_n > 1:  # two weight rows an output: half the outputs a program keep its tile
+        block_n //= 2
     x1 = x.reshape(k)
     if x1.stride(0) != 1:
         x1 = x1.contiguous()

@@ -16,7 +16,7 @@ one row (batch-1 decode); ``mm`` (tensor-core ``tl.dot`` on ``BLOCK_M`` rows) 2 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -182,6 +182,8 @@ def triton_quant_matmul(
         y = triton_quant_matmul(x2d, q, scale, zero, bits, group_size, config)
         return _add_after(y, bias, residual)
     n_out = n // 2 if glu else n
+    if glu and config.block_n > 1:  # two weight rows an output: half the outputs a program keep its tile
+        config = replace(config, block_n=config.block_n // 2)
     if config.split_k > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x2d.device)
     else:

@@ -56,8 +56,8 @@ def linear(
 ) -> torch.Tensor:
     """``layer(norm(x))`` (+ ``residual``). A one-row float product on CUDA takes glmrun's GEMV kernel
     (layer_kernels.half_gemv), which adds the residual in the same kernel, as a quantized layer's does.
-    (Fusing the norm into the quantized GEMVs too was measured: their reads of x and the norm weight,
-    repeated by every program, cost more than the norm kernel they saved: benchmarks/results/README.md.)"""
+    (A one-row decode step on one GPU takes :meth:`ChatGLMForCausalLM._run_row` instead, whose products also
+    carry the norms: glmrun.row_fusion.)"""
     if norm is not None:
         x = norm(x)
     lk = _cuda_kernels(x)

@@ -17,6 +17,8 @@ from glmrun.quant import QuantLinear
 from glmrun.row_fusion import NormedRow, RowFusion, fusion_args
 from glmrun.row_kernels import ROW_SCALE, norm_prep
 
+from .test_layer_kernels import _config
+
 pytestmark = pytest.mark.skipif(layer_kernels.triton is None, reason="needs Triton (the test extra installs it)")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = 1e-5
@@ -130,22 +132,11 @@ def test_an_output_norm_writes_the_next_products_input(kind):
 @pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
 def test_a_rotary_and_cache_write_in_the_qkv_product_match_rope_write(kind):
     """ChatGLM2's layout in small: 4 query heads and 2 key/value heads of 16 dims, the first 8 of each rotating."""
-    from glmrun.config import ModelConfig
     from glmrun.model import rotary_tables
     from glmrun.row_fusion import RopeWrite
 
     H, K, D, rows, max_len, row, position = 4, 2, 16, 3, 32, 1, 11
-    cfg = ModelConfig(
-        hidden_size=64,
-        num_layers=1,
-        num_attention_heads=H,
-        multi_query_group_num=K,
-        kv_channels=D,
-        ffn_hidden_size=64,
-        padded_vocab_size=64,
-        seq_length=max_len,
-        rotary_dim=8,
-    )
+    cfg = _config(H, K, D, rotary_dim=8)
     x, _ = _row(64, seed=13, scale=1.0)
     layer = _layer(kind, (H + 2 * K) * D, 64, seed=14, bias=True)
     pos = torch.tensor([position], device=DEVICE)

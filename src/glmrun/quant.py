@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .config import ModelConfig, QuantSpec
 from .errors import InvalidArgumentError
 from .quant_kernels import (
+    KernelConfig,
     dequantize_rows,
     quant_matmul,
     triton_available,
@@ -326,16 +327,19 @@ class QuantLinear(nn.Module):
         )  # [M, out]
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _row_config(self) -> KernelConfig | None:
+        return triton_config_for(1, self.out_features, self.in_features, self.spec.group_size, self.spec.bits)
+
     def row_fusable(self, x: Tensor) -> bool:
         """Whether :meth:`row_product` serves ``x`` (one row on CUDA, float16/bfloat16, the one-row kernel)."""
         if not (triton_available() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
             return False
-        config = triton_config_for(1, self.out_features, self.in_features, self.spec.group_size, self.spec.bits)
+        config = self._row_config()
         return config is not None and config.kind == "gemv" and config.split_k == 1
 
     def row_product(self, x: Tensor, residual: Tensor | None, fusion: RowFusion) -> Tensor:
         """One row's product with :mod:`glmrun.row_fusion`'s norms or SwiGLU in the kernel (see row_fusable)."""
-        config = triton_config_for(1, self.out_features, self.in_features, self.spec.group_size, self.spec.bits)
+        config = self._row_config()
         if config is None:
             raise ValueError(f"no one-row kernel for {self.out_features} x {self.in_features}")
         res = residual.reshape(1, -1) if residual is not None else None

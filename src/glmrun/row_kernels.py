@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import launch_device
+from .kernels import launch_device, overlapped_launch
 from .row_fusion import NormedRow
 from .triton_import import tl, triton
 
@@ -33,8 +33,9 @@ def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow
         raise ValueError(f"norm_prep takes one row, got {tuple(h.shape)}")
     h1 = h.reshape(k).contiguous()
     scaled = torch.empty_like(h1)
+    pdl = overlapped_launch(h1)
     with launch_device(h1):
-        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, num_warps=4)
+        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return NormedRow(h, scaled.view(h.shape), sumsq, eps)
 
 
@@ -136,7 +137,23 @@ if triton is not None:
             tl.atomic_add(sout_ptr, tl.sum(o32 * o32, 0))
 
     @triton.jit
-    def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, K, BLOCK: tl.constexpr):
+    def let_next_launch(PDL: tl.constexpr):
+        """Launched as a programmatic dependent (kernels.overlapped_launch): the next kernel in the stream may
+        start placing its programs once every program here has passed this point."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def await_previous(PDL: tl.constexpr):
+        """Launched as a programmatic dependent: wait until the kernel before has completed and its writes are
+        visible. Nothing written by an earlier kernel may be read, and nothing written, before this."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        let_next_launch(PDL)
+        await_previous(PDL)
         total = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)

@@ -104,12 +104,12 @@ def main() -> int:
             for _ in range(args.rounds):
                 for name in names:
                     pdl, tile = VARIANTS[name]
-                    set_overlapped_launch(pdl)
+                    set_overlapped_launch("auto" if pdl else "off")
                     set_tile(tile)
                     ms, toks = decode(GraphDecoder(model, cache), n, args.steps)
                     runs[name].append(round(ms, 4))
                     tokens.setdefault(name, toks)
-        set_overlapped_launch(True)
+        set_overlapped_launch("auto")
         set_tile(None)
         best = {k: min(v) for k, v in runs.items()}
         row = {

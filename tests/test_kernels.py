@@ -12,16 +12,20 @@ from glmrun.cache import KVCache
 def test_overlapped_launch_never_on_the_cpu_and_follows_the_switch():
     cpu = torch.zeros(1)
     try:
-        kernels.set_overlapped_launch(True)
+        kernels.set_overlapped_launch("auto")
         assert not kernels.overlapped_launch(cpu)
         if torch.cuda.is_available():
             gpu = cpu.cuda()
             hopper = torch.cuda.get_device_capability()[0] >= 9
             assert kernels.overlapped_launch(gpu) == (hopper and kernels._triton_has_gdc())
-            kernels.set_overlapped_launch(False)
+            kernels.set_overlapped_launch("off")
             assert not kernels.overlapped_launch(gpu)
+        kernels.set_overlapped_launch("always")
+        assert kernels.overlapped_launch(cpu)
+        with pytest.raises(ValueError, match="auto, off or always"):
+            kernels.set_overlapped_launch("on")
     finally:
-        kernels.set_overlapped_launch(True)
+        kernels.set_overlapped_launch("auto")
 
 
 @pytest.mark.gpu
@@ -48,7 +52,7 @@ def test_overlapped_launch_decodes_as_serial_launch(bits):
         with torch.inference_mode():
             model(prompt, torch.arange(300, device="cuda")[None], cache)
             for on in (False, True):
-                kernels.set_overlapped_launch(on)
+                kernels.set_overlapped_launch("auto" if on else "off")
                 decoder = GraphDecoder(model, cache)
                 tok, steps = torch.tensor([[7]], device="cuda"), []
                 for i in range(24):
@@ -57,6 +61,6 @@ def test_overlapped_launch_decodes_as_serial_launch(bits):
                     tok = out.argmax(-1, keepdim=True).view(1, 1)
                 logits[on] = torch.stack(steps)
     finally:
-        kernels.set_overlapped_launch(True)
+        kernels.set_overlapped_launch("auto")
     scale = logits[False].abs().max().item()
     assert (logits[True] - logits[False]).abs().max().item() <= 1e-3 * scale

@@ -88,20 +88,25 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
 
 
 _overlap: dict[int, bool] = {}
-_overlap_off: list[bool] = [os.environ.get("GLMRUN_PDL", "1") == "0"]
+_overlap_mode: list[str] = ["off" if os.environ.get("GLMRUN_PDL", "1") == "0" else "auto"]
 
 
 def overlapped_launch(t: torch.Tensor) -> bool:
     """Whether a Triton kernel working on ``t`` launches as a programmatic dependent of the kernel before it.
 
     Hopper and later GPUs can start a kernel while the one before it finishes (programmatic dependent
-    launch): its programs become resident, load what does not depend on that kernel (weights) and wait in
-    ``griddepcontrol.wait`` until it has completed and its writes are visible. Kernels launched so must
-    wait before touching anything an earlier kernel writes or reads (row_kernels' ``await_previous``).
-    True on CUDA devices of compute capability 9.0 or later whose Triton has the instructions, unless
-    ``GLMRUN_PDL=0`` or :func:`set_overlapped_launch` turned it off; never in Triton's interpreter.
+    launch): its programs become resident, load what does not depend on that kernel (weights, older keys)
+    and wait in ``griddepcontrol.wait`` until it has completed and its writes are visible. Kernels launched
+    so must wait before reading anything the kernels of the step write, and before writing anything
+    (row_kernels' ``await_previous``). In mode ``"auto"`` (the default) true on CUDA devices of compute
+    capability 9.0 or later whose Triton has the instructions; ``"off"`` (or ``GLMRUN_PDL=0``) never;
+    ``"always"`` on every tensor, so that tests run the kernels' dependent-launch code paths in Triton's
+    interpreter (which has no such instructions and skips them). See :func:`set_overlapped_launch`.
     """
-    if not t.is_cuda or _overlap_off[0]:
+    mode = _overlap_mode[0]
+    if mode != "auto":
+        return mode == "always"
+    if not t.is_cuda:
         return False
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     known = _overlap.get(index)
@@ -110,9 +115,12 @@ def overlapped_launch(t: torch.Tensor) -> bool:
     return known
 
 
-def set_overlapped_launch(enabled: bool) -> None:
-    """Turn :func:`overlapped_launch` on or off for launches from now on (graphs captured before keep theirs)."""
-    _overlap_off[0] = not enabled
+def set_overlapped_launch(mode: str) -> None:
+    """``"auto"``, ``"off"`` or ``"always"`` for :func:`overlapped_launch` from now on (graphs captured before
+    keep what they were captured with)."""
+    if mode not in ("auto", "off", "always"):
+        raise ValueError(f"overlapped launch mode must be auto, off or always, got {mode!r}")
+    _overlap_mode[0] = mode
 
 
 def _triton_has_gdc() -> bool:

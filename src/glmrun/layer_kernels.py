@@ -432,6 +432,15 @@ if triton is not None:
             tl.store(dst + 2 * half + 1, odd.to(dst.dtype.element_ty))
 
     @triton.jit
+    def _softmax_step(q, k, valid, scale, m_i):
+        """Scores of the query heads ``q`` [GP, D] against one block of keys: (exp(scores - new max), new max,
+        the rescale of what came before)."""
+        scores = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_L] float32
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        return tl.exp(scores - m_new[:, None]), m_new, tl.exp(m_i - m_new)
+
+    @triton.jit
     def _attention_slices_kernel(
         q_ptr,
         k_ptr,
@@ -457,8 +466,10 @@ if triton is not None:
         # Program (b * K + kh, slice): the G query heads of KV head kh over keys [start, start + PER_SLICE)
         # of row b, cut at the row's length. Writes the slice's running max, sum of exponentials and
         # unnormalised output (an empty slice writes -inf, 0, 0, which the merge weighs by 0).
+        # With PDL the first block's older keys and values are loaded while the kernel before (the QKV product,
+        # which writes the newest key and value) finishes: only the newest is read after the wait. The
+        # positions are written before a step's first kernel, never by a dependent launch.
         let_next_launch(PDL)
-        await_previous(PDL)
         bk = tl.program_id(0)
         sl = tl.program_id(1)
         b = bk // K
@@ -466,27 +477,44 @@ if triton is not None:
         length = tl.load(pos_ptr + b) + 1
         offs_g = tl.arange(0, GP)
         offs_d = tl.arange(0, D)
-        q = tl.load(q_ptr + (b * K * G + kh * G + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None])
         base = (first_row + b).to(tl.int64) * stride_row + kh * stride_head
         m_i = tl.full([GP], float("-inf"), tl.float32)
         s_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
         start = sl * PER_SLICE
         stop = tl.minimum(start + PER_SLICE, length)
-        for l0 in range(start, stop, BLOCK_L):
+        first = start
+        if PDL:
+            keys0 = start + tl.arange(0, BLOCK_L)
+            valid0 = keys0 < stop
+            newest = keys0 == length - 1
+            at0 = base + keys0[:, None] * stride_pos + offs_d[None, :]
+            k = tl.load(k_ptr + at0, mask=(valid0 & ~newest)[:, None], other=0.0)
+            v = tl.load(v_ptr + at0, mask=(valid0 & ~newest)[:, None], other=0.0)
+            await_previous(PDL)
+            k = tl.where(newest[:, None], tl.load(k_ptr + at0, mask=newest[:, None], other=0.0), k)
+            v = tl.where(newest[:, None], tl.load(v_ptr + at0, mask=newest[:, None], other=0.0), v)
+            q = tl.load(
+                q_ptr + (b * K * G + kh * G + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None]
+            )
+            if start < stop:  # an empty slice keeps (-inf, 0, 0)
+                p, m_i, alpha = _softmax_step(q, k, valid0, scale, m_i)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                s_i = s_i * alpha + tl.sum(p, 1)
+            first = start + BLOCK_L
+        else:
+            q = tl.load(
+                q_ptr + (b * K * G + kh * G + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None]
+            )
+        for l0 in range(first, stop, BLOCK_L):
             offs_l = l0 + tl.arange(0, BLOCK_L)
             valid = offs_l < stop
             kv_offs = base + offs_l[:, None] * stride_pos + offs_d[None, :]
             k = tl.load(k_ptr + kv_offs, mask=valid[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_L] float32
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
+            p, m_i, alpha = _softmax_step(q, k, valid, scale, m_i)
             v = tl.load(v_ptr + kv_offs, mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             s_i = s_i * alpha + tl.sum(p, 1)
-            m_i = m_new
         out = bk * SLICES + sl
         tl.store(m_ptr + out * GP + offs_g, m_i)
         tl.store(s_ptr + out * GP + offs_g, s_i)

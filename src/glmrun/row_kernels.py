@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ ROW_SCALE = 2.0**-8
 65504 where the normalized row never does; scaled down it cannot for ``|weight| < 256``, and the exponent is
 given back in the consumer's epilogue (exact: a power of two)."""
 _SCALE: Any = tl.constexpr(ROW_SCALE) if tl is not None else ROW_SCALE
+# Triton's interpreter has no grid dependency control: there the dependent-launch code paths run without it.
+_GDC: Any = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1") if tl is not None else False
 
 
 def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow:
@@ -140,14 +143,14 @@ if triton is not None:
     def let_next_launch(PDL: tl.constexpr):
         """Launched as a programmatic dependent (kernels.overlapped_launch): the next kernel in the stream may
         start placing its programs once every program here has passed this point."""
-        if PDL:
+        if PDL and _GDC:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def await_previous(PDL: tl.constexpr):
         """Launched as a programmatic dependent: wait until the kernel before has completed and its writes are
         visible. Nothing written by an earlier kernel may be read, and nothing written, before this."""
-        if PDL:
+        if PDL and _GDC:
             tl.extra.cuda.gdc_wait()
 
     @triton.jit

@@ -76,6 +76,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS, comma-separated")
     args = p.parse_args()
     dev = torch.device("cuda")
     results = []
@@ -98,9 +99,10 @@ def main() -> int:
                 hi = min(lo + 512, n)
                 ids = torch.randint(100, 60000, (1, hi - lo), device=dev, generator=None)
                 model(ids, torch.arange(lo, hi, device=dev)[None], cache, length=hi)
-            names = list(VARIANTS) if q != "none" else ["off", "on"]
+            names = [v for v in args.variants.split(",") if q != "none" or VARIANTS[v][1] is None]
             runs: dict[str, list[float]] = {name: [] for name in names}
             tokens: dict[str, list[int]] = {}
+            repeat: dict[str, int] = {}  # the last round's tokens agreeing with the first round's (same variant)
             for _ in range(args.rounds):
                 for name in names:
                     pdl, tile = VARIANTS[name]
@@ -109,6 +111,7 @@ def main() -> int:
                     ms, toks = decode(GraphDecoder(model, cache), n, args.steps)
                     runs[name].append(round(ms, 4))
                     tokens.setdefault(name, toks)
+                    repeat[name] = sum(a == b for a, b in zip(tokens[name], toks, strict=True))
         set_overlapped_launch("auto")
         set_tile(None)
         best = {k: min(v) for k, v in runs.items()}
@@ -119,6 +122,7 @@ def main() -> int:
             "step_ms": runs,
             "tok_s_best": {k: round(1e3 / v, 1) for k, v in best.items()},
             "speedup_vs_off": {k: round(best["off"] / v, 4) for k, v in best.items()},
+            "tokens_agreeing_across_rounds": repeat,
             "tokens_agreeing_with_off": {
                 k: sum(a == b for a, b in zip(tokens["off"], t, strict=True)) for k, t in tokens.items()
             },

@@ -330,16 +330,13 @@ if triton is not None:
 
     @triton.jit
     def _qgemv_load(
-        w_ptr,
-        s_ptr,
-        z_ptr,
-        offs_n,
+        w_rows,  # [ROWS, 1] pointers: the weight rows' starts (int32 words)
+        s_rows,  # [ROWS, 1]: their scales' starts
+        z_rows,  # [ROWS, 1]: their zeros' starts
         n_mask,
         k0,
         K,
         K_WORDS,
-        stride_wn,
-        stride_sn,
         BITS: tl.constexpr,
         HAS_ZERO: tl.constexpr,
         GROUP: tl.constexpr,
@@ -347,24 +344,20 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
-        """The K-block at ``k0`` of weight rows ``offs_n``: int32 words [ROWS, WORDS], scales and zeros [ROWS, NG]
-        in float32 (the scales stand in for the zeros without them)."""
-        PER_WORD: tl.constexpr = 32 // BITS
-        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        """The K-block at ``k0``: int32 words [ROWS, WORDS], scales and zeros [ROWS, NG] in float32 (the scales
+        stand in for the zeros without them)."""
         g_idx = k0 // GROUP + tl.arange(0, GROUPS_PER_BLOCK)
-        s_offs = offs_n[:, None] * stride_sn + g_idx[None, :]  # [ROWS, NG]
         s_mask = n_mask[:, None] & (g_idx < tl.cdiv(K, GROUP))[None, :]
-        s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+        s = tl.load(s_rows + g_idx[None, :], mask=s_mask, other=0.0).to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_rows + g_idx[None, :], mask=s_mask, other=0.0).to(tl.float32)
         else:
             z = s
-        kw = k0 // PER_WORD + tl.arange(0, WORDS)  # word index in the row
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + kw[None, :]
+        kw = k0 // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))  # word index in the row
         if EVEN_K:
-            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+            w = tl.load(w_rows + kw[None, :], mask=n_mask[:, None], other=0)
         else:
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & (kw < K_WORDS)[None, :], other=0)
+            w = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < K_WORDS)[None, :], other=0)
         return w, s, z
 
     @triton.jit
@@ -501,25 +494,13 @@ if triton is not None:
         pid_k = tl.program_id(2)
         offs_n, n_mask = gemv_rows(pid_n, N, GLU_SPLIT, BLOCK_N, GLU)  # ROWS weight rows (GLU: two an output)
         x_row = x_ptr + row * stride_xm
+        w_rows = w_ptr + offs_n[:, None] * stride_wn
+        s_rows = s_ptr + offs_n[:, None] * stride_sn
+        z_rows = z_ptr + offs_n[:, None] * stride_sn
         if PDL:  # one K-block's weights are loaded while the kernel before finishes (SPLIT_K == 1)
             let_next_launch(PDL)
             w, s, z = _qgemv_load(
-                w_ptr,
-                s_ptr,
-                z_ptr,
-                offs_n,
-                n_mask,
-                0,
-                K,
-                K_WORDS,
-                stride_wn,
-                stride_sn,
-                BITS,
-                HAS_ZERO,
-                GROUP,
-                GROUPS_PER_BLOCK,
-                BLOCK_K,
-                EVEN_K,
+                w_rows, s_rows, z_rows, n_mask, 0, K, K_WORDS, BITS, HAS_ZERO, GROUP, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K
             )
             await_previous(PDL)
             acc = _qgemv_block(w, s, z, x_row, 0, K_WORDS, BITS, HAS_ZERO, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K, HALF2)
@@ -529,22 +510,7 @@ if triton is not None:
             first = pid_k * BLOCK_K
         for k0 in range(first, K, BLOCK_K * SPLIT_K):
             w, s, z = _qgemv_load(
-                w_ptr,
-                s_ptr,
-                z_ptr,
-                offs_n,
-                n_mask,
-                k0,
-                K,
-                K_WORDS,
-                stride_wn,
-                stride_sn,
-                BITS,
-                HAS_ZERO,
-                GROUP,
-                GROUPS_PER_BLOCK,
-                BLOCK_K,
-                EVEN_K,
+                w_rows, s_rows, z_rows, n_mask, k0, K, K_WORDS, BITS, HAS_ZERO, GROUP, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K
             )
             acc += _qgemv_block(w, s, z, x_row, k0, K_WORDS, BITS, HAS_ZERO, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K, HALF2)
         if SPLIT_K == 1:  # bias, residual [M, N] and the fusions of row_fusion (one row only)

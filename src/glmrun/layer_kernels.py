@@ -17,6 +17,10 @@ dtype casts over a key buffer padded to the CUDA graph's length bucket. Here a l
   bucket does no work past each row's end;
 * :func:`swiglu`: the MLP's gate, for prompts (the compiled elementwise form reached ~1.4 TB/s there).
 
+On Hopper GPUs the one-row products and the attention launch as programmatic dependents of the kernel
+before them (:func:`glmrun.kernels.overlapped_launch`): their programs start while it finishes, load the
+weights (the attention: the older keys and values) and wait only to read what it wrote.
+
 :func:`supported` / :func:`gemv_supported` say when they apply (CUDA, Triton, float16/bfloat16,
 power-of-two head size); elsewhere the model's plain path runs. The reference they are tested against
 (Triton's interpreter on the CPU, `tests/test_layer_kernels.py`) is that plain path.

@@ -218,7 +218,6 @@ def triton_quant_matmul(
                 y,
                 n_out,
                 k,
-                words.shape[1],
                 x2d.stride(0),
                 words.stride(0),
                 scale.stride(0),
@@ -329,60 +328,64 @@ if triton is not None:
         return lo | hi, xa + xb
 
     @triton.jit
-    def _qgemv_load(
-        w_rows,  # [ROWS, 1] pointers: the weight rows' starts (int32 words)
-        s_rows,  # [ROWS, 1]: their scales' starts
-        z_rows,  # [ROWS, 1]: their zeros' starts
+    def _qgemv_weights(
+        w_ptr,
+        s_ptr,
+        offs_n,
         n_mask,
         k0,
         K,
-        K_WORDS,
+        stride_wn,
+        stride_sn,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        GROUPS_PER_BLOCK: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        """The scales [ROWS, NG] (float32) and int32 weight words [ROWS, WORDS] of the K-block at ``k0``."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        g_idx = k0 // GROUP + tl.arange(0, GROUPS_PER_BLOCK)
+        s_offs = offs_n[:, None] * stride_sn + g_idx[None, :]  # [BN, NG]
+        s_mask = n_mask[:, None] & (g_idx < tl.cdiv(K, GROUP))[None, :]
+        s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+        kw = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)  # word index in the row
+        k_mask = kw < K // PER_WORD
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + kw[None, :]
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BN, WORDS] int32
+        else:
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
+        return s, w
+
+    @triton.jit
+    def _qgemv_block(
+        x_row,
+        w,
+        s,
+        z_ptr,
+        offs_n,
+        n_mask,
+        k0,
+        K,
+        stride_sn,
         BITS: tl.constexpr,
         HAS_ZERO: tl.constexpr,
         GROUP: tl.constexpr,
         GROUPS_PER_BLOCK: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
-    ):
-        """The K-block at ``k0``: int32 words [ROWS, WORDS], scales and zeros [ROWS, NG] in float32 (the scales
-        stand in for the zeros without them)."""
-        g_idx = k0 // GROUP + tl.arange(0, GROUPS_PER_BLOCK)
-        s_mask = n_mask[:, None] & (g_idx < tl.cdiv(K, GROUP))[None, :]
-        s = tl.load(s_rows + g_idx[None, :], mask=s_mask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_rows + g_idx[None, :], mask=s_mask, other=0.0).to(tl.float32)
-        else:
-            z = s
-        kw = k0 // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))  # word index in the row
-        if EVEN_K:
-            w = tl.load(w_rows + kw[None, :], mask=n_mask[:, None], other=0)
-        else:
-            w = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < K_WORDS)[None, :], other=0)
-        return w, s, z
-
-    @triton.jit
-    def _qgemv_block(
-        w,
-        s,
-        z,
-        x_row,
-        k0,
-        K_WORDS,
-        BITS: tl.constexpr,
-        HAS_ZERO: tl.constexpr,
-        GROUPS_PER_BLOCK: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
         HALF2: tl.constexpr,
     ):
-        """The K-block at ``k0``'s share of the outputs: ``sum over its groups of s * cx + z * sum(x)`` [ROWS]."""
+        """The K-block at ``k0``'s share of the outputs [ROWS] from its weights and scales (the zeros load last,
+        when they are needed: held from the start they cost registers and speed)."""
         PER_WORD: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER_WORD
         PER_GROUP: tl.constexpr = WORDS // GROUPS_PER_BLOCK  # words of one group inside the block
         CODE_MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)  # the top BITS mantissa bits
         ROWS: tl.constexpr = w.shape[0]
         kw = k0 // PER_WORD + tl.arange(0, WORDS)
-        k_mask = kw < K_WORDS
+        k_mask = kw < K // PER_WORD
         if HALF2:  # INT4: word j holds columns 8j..8j+7; the PTX pairs column i with column i + 4
             p0, a0 = _half2_of(x_row, kw * 8, kw * 8 + 4, k_mask, 0.0625)
             p1, a1 = _half2_of(x_row, kw * 8 + 1, kw * 8 + 5, k_mask, 0.0625)
@@ -424,6 +427,10 @@ if triton is not None:
         else:
             cx = 256.0 * (part - 1.5 * xs)
         if HAS_ZERO:
+            g_idx = k0 // GROUP + tl.arange(0, GROUPS_PER_BLOCK)
+            s_offs = offs_n[:, None] * stride_sn + g_idx[None, :]
+            s_mask = n_mask[:, None] & (g_idx < tl.cdiv(K, GROUP))[None, :]
+            z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
             return tl.sum(s * cx + z * xs, 1)
         else:
             return tl.sum(s * cx, 1)
@@ -439,7 +446,6 @@ if triton is not None:
         y_ptr,
         N,
         K,
-        K_WORDS,  # K // (32 // BITS): a separate argument, so the compiler sees it divisible by 16 where it is
         stride_xm,
         stride_wn,
         stride_sn,
@@ -494,25 +500,21 @@ if triton is not None:
         pid_k = tl.program_id(2)
         offs_n, n_mask = gemv_rows(pid_n, N, GLU_SPLIT, BLOCK_N, GLU)  # ROWS weight rows (GLU: two an output)
         x_row = x_ptr + row * stride_xm
-        w_rows = w_ptr + offs_n[:, None] * stride_wn
-        s_rows = s_ptr + offs_n[:, None] * stride_sn
-        z_rows = z_ptr + offs_n[:, None] * stride_sn
-        if PDL:  # one K-block's weights are loaded while the kernel before finishes (SPLIT_K == 1)
+        acc = tl.zeros([ROWS], dtype=tl.float32)
+        first = pid_k * BLOCK_K
+        if PDL:  # (SPLIT_K == 1) the first K-block's scales and weights load while the kernel before finishes
             let_next_launch(PDL)
-            w, s, z = _qgemv_load(
-                w_rows, s_rows, z_rows, n_mask, 0, K, K_WORDS, BITS, HAS_ZERO, GROUP, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K
-            )
+            s, w = _qgemv_weights(w_ptr, s_ptr, offs_n, n_mask, first, K, stride_wn, stride_sn,
+                                   BITS, GROUP, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K)  # fmt: skip
             await_previous(PDL)
-            acc = _qgemv_block(w, s, z, x_row, 0, K_WORDS, BITS, HAS_ZERO, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K, HALF2)
-            first = BLOCK_K
-        else:
-            acc = tl.zeros([ROWS], dtype=tl.float32)
-            first = pid_k * BLOCK_K
+            acc += _qgemv_block(x_row, w, s, z_ptr, offs_n, n_mask, first, K, stride_sn, BITS, HAS_ZERO, GROUP,
+                                GROUPS_PER_BLOCK, BLOCK_K, EVEN_K, HALF2)  # fmt: skip
+            first += BLOCK_K
         for k0 in range(first, K, BLOCK_K * SPLIT_K):
-            w, s, z = _qgemv_load(
-                w_rows, s_rows, z_rows, n_mask, k0, K, K_WORDS, BITS, HAS_ZERO, GROUP, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K
-            )
-            acc += _qgemv_block(w, s, z, x_row, k0, K_WORDS, BITS, HAS_ZERO, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K, HALF2)
+            s, w = _qgemv_weights(w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
+                                   BITS, GROUP, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K)  # fmt: skip
+            acc += _qgemv_block(x_row, w, s, z_ptr, offs_n, n_mask, k0, K, stride_sn, BITS, HAS_ZERO, GROUP,
+                                GROUPS_PER_BLOCK, BLOCK_K, EVEN_K, HALF2)  # fmt: skip
         if SPLIT_K == 1:  # bias, residual [M, N] and the fusions of row_fusion (one row only)
             gemv_finish(
                 acc,

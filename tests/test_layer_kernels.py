@@ -41,7 +41,7 @@ def _config(heads: int, kv_heads: int, head_dim: int, rotary_dim: int) -> ModelC
         (4, 4, 16, 16, [130], 256),  # no grouping, one row
     ],
 )
-def test_fused_decode_matches_the_plain_path(heads, kv_heads, head_dim, rotary_dim, positions, bucket, launch_mode):
+def test_fused_decode_matches_the_plain_path(heads, kv_heads, head_dim, rotary_dim, positions, bucket):
     cfg = _config(heads, kv_heads, head_dim, rotary_dim)
     B, H, K, D = len(positions), heads, kv_heads, head_dim
     first_row = 1
@@ -83,7 +83,7 @@ def test_fused_decode_matches_the_plain_path(heads, kv_heads, head_dim, rotary_d
 
 
 @pytest.mark.parametrize(("n", "k", "bias"), [(7, 576, True), (33, 1500, False), (4, 2048, True)])
-def test_half_gemv_matches_linear(n, k, bias, launch_mode):
+def test_half_gemv_matches_linear(n, k, bias):
     gen = torch.Generator().manual_seed(n * k)
     w = (torch.randn(n, k, generator=gen) * 0.05).half().to(DEVICE)
     b = torch.randn(n, generator=gen).half().to(DEVICE) if bias else None

@@ -42,7 +42,7 @@ def _quantized(fmt: str, n: int, k: int, group: int, seed: int) -> QuantizedWeig
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize(("kind", "m", "n", "k", "group", "block_k", "split_k"), LAUNCHES)
-def test_kernel_matches_the_dequantized_matmul(fmt, kind, m, n, k, group, block_k, split_k, launch_mode):
+def test_kernel_matches_the_dequantized_matmul(fmt, kind, m, n, k, group, block_k, split_k):
     qw = _quantized(fmt, n, k, group, seed=m * 1000 + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).half()
     ref = x.float() @ dequantize(qw).T  # [m, n]

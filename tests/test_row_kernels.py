@@ -59,7 +59,7 @@ def _plain(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _product(layer, x, RowFusion())
 
 
-def test_norm_prep_gives_the_scaled_row_and_its_sum_of_squares(launch_mode):
+def test_norm_prep_gives_the_scaled_row_and_its_sum_of_squares():
     h, gamma = _row(200, seed=1)  # not a multiple of the kernel's block
     cell = torch.zeros(1, dtype=torch.float32, device=DEVICE)
     row = norm_prep(h, gamma, EPS, cell)
@@ -130,7 +130,7 @@ def test_an_output_norm_writes_the_next_products_input(kind):
 
 
 @pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
-def test_a_rotary_and_cache_write_in_the_qkv_product_match_rope_write(kind, launch_mode):
+def test_a_rotary_and_cache_write_in_the_qkv_product_match_rope_write(kind):
     """ChatGLM2's layout in small: 4 query heads and 2 key/value heads of 16 dims, the first 8 of each rotating."""
     from glmrun.model import rotary_tables
     from glmrun.row_fusion import RopeWrite
@@ -177,7 +177,7 @@ def test_a_fused_product_needs_one_row():
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_a_fused_decode_row_matches_the_plain_layers(bits, launch_mode):
+def test_a_fused_decode_row_matches_the_plain_layers(bits):
     """_run_row (norms and SwiGLU in the products) against run_layers' plain path on the same weights."""
     from glmrun.bench import random_model
     from glmrun.checkpoint import PRESETS

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rms_norm", "rotary", "swiglu", "on_device", "launch_device", "overlapped_launch", "set_overlapped_launch"]
+__all__ = ["rms_norm", "rotary", "swiglu", "on_device", "launch_device"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,49 +85,3 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
-
-
-_overlap: dict[int, bool] = {}
-_overlap_mode: list[str] = ["off" if os.environ.get("GLMRUN_PDL", "1") == "0" else "auto"]
-
-
-def overlapped_launch(t: torch.Tensor) -> bool:
-    """Whether a Triton kernel working on ``t`` launches as a programmatic dependent of the kernel before it.
-
-    Hopper and later GPUs can start a kernel while the one before it finishes (programmatic dependent
-    launch): its programs become resident, load what does not depend on that kernel (weights, older keys)
-    and wait in ``griddepcontrol.wait`` until it has completed and its writes are visible. Kernels launched
-    so must wait before reading anything the kernels of the step write, and before writing anything
-    (row_kernels' ``await_previous``). In mode ``"auto"`` (the default) true on CUDA devices of compute
-    capability 9.0 or later whose Triton has the instructions; ``"off"`` (or ``GLMRUN_PDL=0``) never;
-    ``"always"`` on every tensor, so that tests run the kernels' dependent-launch code paths in Triton's
-    interpreter (which has no such instructions and skips them). See :func:`set_overlapped_launch`.
-    """
-    mode = _overlap_mode[0]
-    if mode != "auto":
-        return mode == "always"
-    if not t.is_cuda:
-        return False
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    known = _overlap.get(index)
-    if known is None:
-        known = _overlap[index] = torch.cuda.get_device_capability(index)[0] >= 9 and _triton_has_gdc()
-    return known
-
-
-def set_overlapped_launch(mode: str) -> None:
-    """``"auto"``, ``"off"`` or ``"always"`` for :func:`overlapped_launch` from now on (graphs captured before
-    keep what they were captured with)."""
-    if mode not in ("auto", "off", "always"):
-        raise ValueError(f"overlapped launch mode must be auto, off or always, got {mode!r}")
-    _overlap_mode[0] = mode
-
-
-def _triton_has_gdc() -> bool:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    try:
-        from triton.language.extra import cuda
-    except ImportError:
-        return False
-    return hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")

@@ -17,10 +17,6 @@ dtype casts over a key buffer padded to the CUDA graph's length bucket. Here a l
   bucket does no work past each row's end;
 * :func:`swiglu`: the MLP's gate, for prompts (the compiled elementwise form reached ~1.4 TB/s there).
 
-On Hopper GPUs the one-row products and the attention launch as programmatic dependents of the kernel
-before them (:func:`glmrun.kernels.overlapped_launch`): their programs start while it finishes, load the
-weights (the attention: the older keys and values) and wait only to read what it wrote.
-
 :func:`supported` / :func:`gemv_supported` say when they apply (CUDA, Triton, float16/bfloat16,
 power-of-two head size); elsewhere the model's plain path runs. The reference they are tested against
 (Triton's interpreter on the CPU, `tests/test_layer_kernels.py`) is that plain path.
@@ -31,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import launch_device, overlapped_launch
+from .kernels import launch_device
 from .row_fusion import RowFusion, fusion_args
 from .triton_import import tl, triton
 
@@ -112,7 +108,6 @@ def half_gemv(
     res = residual.reshape(n_out) if residual is not None else None
     if res is not None and res.stride(0) != 1:
         res = res.contiguous()
-    pdl = overlapped_launch(x1)
     with launch_device(x1):
         _half_gemv_kernel[(triton.cdiv(n_out, block_n),)](
             x1,
@@ -129,9 +124,7 @@ def half_gemv(
             BLOCK_K=block_k,
             ROWS=block_n * (2 if glu else 1),
             **fusion_args(fusion, weight, block_n),
-            PDL=pdl,
             num_warps=num_warps,
-            launch_pdl=pdl,
         )
     return y.view(*x.shape[:-1], n_out)
 
@@ -235,7 +228,6 @@ def decode_attention(
     s = torch.empty_like(m)
     acc = torch.empty((B * K, slices, GP, D), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    pdl = overlapped_launch(q)
     with launch_device(q):
         _attention_slices_kernel[(B * K, slices)](
             q,
@@ -257,30 +249,15 @@ def decode_attention(
             PER_SLICE=per_slice,
             BLOCK_L=_BLOCK_L,
             SLICES=slices,
-            PDL=pdl,
-            launch_pdl=pdl,
         )
-        block_s = min(64, triton.next_power_of_2(slices))
         _merge_slices_kernel[(B * K, G)](
-            m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=block_s, PDL=pdl, launch_pdl=pdl
+            m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=min(64, triton.next_power_of_2(slices))
         )
     return out
 
 
 if triton is not None:
-    from .row_kernels import await_previous, gemv_finish, gemv_rows, let_next_launch
-
-    @triton.jit
-    def _half_block(w_ptr, offs_n, n_mask, k0, K, stride_wn, BLOCK_K: tl.constexpr):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = n_mask[:, None] & (offs_k < K)[None, :]
-        return tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
-
-    @triton.jit
-    def _half_product(w, x_ptr, k0, K, BLOCK_K: tl.constexpr):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
-        return w.to(tl.float32) * xv.to(tl.float32)[None, :]
+    from .row_kernels import gemv_finish, gemv_rows
 
     @triton.jit
     def _half_gemv_kernel(
@@ -318,25 +295,20 @@ if triton is not None:
         stride_kp,
         ROPE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         # BLOCK_N outputs per program (ROWS weight rows: two an output with GLU); products summed elementwise
         # in float32 and reduced once at the end.
-        # With PDL the first K-block's weights are loaded while the kernel before finishes.
         pid = tl.program_id(0)
         offs_n, n_mask = gemv_rows(pid, N, N, BLOCK_N, GLU)
-        if PDL:
-            let_next_launch(PDL)
-            w = _half_block(w_ptr, offs_n, n_mask, 0, K, stride_wn, BLOCK_K)
-            await_previous(PDL)
-            acc = _half_product(w, x_ptr, 0, K, BLOCK_K)
-            first = BLOCK_K
-        else:
-            acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-            first = 0
-        for k0 in range(first, K, BLOCK_K):
-            w = _half_block(w_ptr, offs_n, n_mask, k0, K, stride_wn, BLOCK_K)
-            acc += _half_product(w, x_ptr, k0, K, BLOCK_K)
+        acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
         gemv_finish(
             tl.sum(acc, 1),
             offs_n,
@@ -436,15 +408,6 @@ if triton is not None:
             tl.store(dst + 2 * half + 1, odd.to(dst.dtype.element_ty))
 
     @triton.jit
-    def _softmax_step(q, k, valid, scale, m_i):
-        """Scores of the query heads ``q`` [GP, D] against one block of keys: (exp(scores - new max), new max,
-        the rescale of what came before)."""
-        scores = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_L] float32
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        return tl.exp(scores - m_new[:, None]), m_new, tl.exp(m_i - m_new)
-
-    @triton.jit
     def _attention_slices_kernel(
         q_ptr,
         k_ptr,
@@ -465,15 +428,10 @@ if triton is not None:
         PER_SLICE: tl.constexpr,
         BLOCK_L: tl.constexpr,
         SLICES: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         # Program (b * K + kh, slice): the G query heads of KV head kh over keys [start, start + PER_SLICE)
         # of row b, cut at the row's length. Writes the slice's running max, sum of exponentials and
         # unnormalised output (an empty slice writes -inf, 0, 0, which the merge weighs by 0).
-        # With PDL the first block's older keys and values are loaded while the kernel before (the QKV product,
-        # which writes the newest key and value) finishes: only the newest is read after the wait. The
-        # positions are written before a step's first kernel, never by a dependent launch.
-        let_next_launch(PDL)
         bk = tl.program_id(0)
         sl = tl.program_id(1)
         b = bk // K
@@ -481,44 +439,27 @@ if triton is not None:
         length = tl.load(pos_ptr + b) + 1
         offs_g = tl.arange(0, GP)
         offs_d = tl.arange(0, D)
+        q = tl.load(q_ptr + (b * K * G + kh * G + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None])
         base = (first_row + b).to(tl.int64) * stride_row + kh * stride_head
         m_i = tl.full([GP], float("-inf"), tl.float32)
         s_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
         start = sl * PER_SLICE
         stop = tl.minimum(start + PER_SLICE, length)
-        first = start
-        if PDL:
-            keys0 = start + tl.arange(0, BLOCK_L)
-            valid0 = keys0 < stop
-            newest = keys0 == length - 1
-            at0 = base + keys0[:, None] * stride_pos + offs_d[None, :]
-            k = tl.load(k_ptr + at0, mask=(valid0 & ~newest)[:, None], other=0.0)
-            v = tl.load(v_ptr + at0, mask=(valid0 & ~newest)[:, None], other=0.0)
-            await_previous(PDL)
-            k = tl.where(newest[:, None], tl.load(k_ptr + at0, mask=newest[:, None], other=0.0), k)
-            v = tl.where(newest[:, None], tl.load(v_ptr + at0, mask=newest[:, None], other=0.0), v)
-            q = tl.load(
-                q_ptr + (b * K * G + kh * G + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None]
-            )
-            if start < stop:  # an empty slice keeps (-inf, 0, 0)
-                p, m_i, alpha = _softmax_step(q, k, valid0, scale, m_i)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                s_i = s_i * alpha + tl.sum(p, 1)
-            first = start + BLOCK_L
-        else:
-            q = tl.load(
-                q_ptr + (b * K * G + kh * G + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None]
-            )
-        for l0 in range(first, stop, BLOCK_L):
+        for l0 in range(start, stop, BLOCK_L):
             offs_l = l0 + tl.arange(0, BLOCK_L)
             valid = offs_l < stop
             kv_offs = base + offs_l[:, None] * stride_pos + offs_d[None, :]
             k = tl.load(k_ptr + kv_offs, mask=valid[:, None], other=0.0)
-            p, m_i, alpha = _softmax_step(q, k, valid, scale, m_i)
+            scores = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_L] float32
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
             v = tl.load(v_ptr + kv_offs, mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             s_i = s_i * alpha + tl.sum(p, 1)
+            m_i = m_new
         out = bk * SLICES + sl
         tl.store(m_ptr + out * GP + offs_g, m_i)
         tl.store(s_ptr + out * GP + offs_g, s_i)
@@ -535,12 +476,9 @@ if triton is not None:
         GP: tl.constexpr,
         D: tl.constexpr,
         BLOCK_S: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         # Program (b * K + kh, j): query head kh * G + j of row b. Slice 0 is never empty (every row has
         # at least its own key), so the global max is finite and empty slices weigh exp(-inf) = 0.
-        let_next_launch(PDL)
-        await_previous(PDL)
         bk = tl.program_id(0)
         j = tl.program_id(1)
         offs_d = tl.arange(0, D)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import launch_device, overlapped_launch
+from .kernels import launch_device
 from .row_fusion import RowFusion, fusion_args
 from .triton_import import tl, triton
 
@@ -206,7 +206,6 @@ def triton_quant_matmul(
         groups_per_block = max(1, config.block_k // group_size) if group_size < k else 1
         grid = (triton.cdiv(n_out, config.block_n), m, config.split_k)
         words = q.view(torch.int32)  # [N, K / (32 // bits)]: the same bytes, read 4 at a time
-        pdl = config.split_k == 1 and overlapped_launch(x2d)
         with launch_device(x2d):
             _qgemv_kernel[grid](
                 x2d,
@@ -231,8 +230,6 @@ def triton_quant_matmul(
                 ROWS=config.block_n * (2 if glu else 1),
                 **fusion_args(fusion, scale, config.block_n),
                 **common,
-                PDL=pdl,
-                launch_pdl=pdl,
             )
     else:
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
@@ -281,7 +278,7 @@ def _add_after(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tenso
 
 
 if triton is not None:
-    from .row_kernels import await_previous, gemv_finish, gemv_rows, let_next_launch
+    from .row_kernels import gemv_finish, gemv_rows
 
     # INT4 with float16 x: half2 arithmetic in inline PTX, one call per 32-bit word (8 codes). A lop3 puts
     # two codes (columns i and i + 4) into the mantissas of 1024.0 (the odd columns' as 16 c), one sub or
@@ -326,114 +323,6 @@ if triton is not None:
         lo = (xa * scale).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         hi = (xb * scale).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
         return lo | hi, xa + xb
-
-    @triton.jit
-    def _qgemv_weights(
-        w_ptr,
-        s_ptr,
-        offs_n,
-        n_mask,
-        k0,
-        K,
-        stride_wn,
-        stride_sn,
-        BITS: tl.constexpr,
-        GROUP: tl.constexpr,
-        GROUPS_PER_BLOCK: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
-    ):
-        """The scales [ROWS, NG] (float32) and int32 weight words [ROWS, WORDS] of the K-block at ``k0``."""
-        PER_WORD: tl.constexpr = 32 // BITS
-        g_idx = k0 // GROUP + tl.arange(0, GROUPS_PER_BLOCK)
-        s_offs = offs_n[:, None] * stride_sn + g_idx[None, :]  # [BN, NG]
-        s_mask = n_mask[:, None] & (g_idx < tl.cdiv(K, GROUP))[None, :]
-        s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        kw = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)  # word index in the row
-        k_mask = kw < K // PER_WORD
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + kw[None, :]
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BN, WORDS] int32
-        else:
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
-        return s, w
-
-    @triton.jit
-    def _qgemv_block(
-        x_row,
-        w,
-        s,
-        z_ptr,
-        offs_n,
-        n_mask,
-        k0,
-        K,
-        stride_sn,
-        BITS: tl.constexpr,
-        HAS_ZERO: tl.constexpr,
-        GROUP: tl.constexpr,
-        GROUPS_PER_BLOCK: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
-        HALF2: tl.constexpr,
-    ):
-        """The K-block at ``k0``'s share of the outputs [ROWS] from its weights and scales (the zeros load last,
-        when they are needed: held from the start they cost registers and speed)."""
-        PER_WORD: tl.constexpr = 32 // BITS
-        WORDS: tl.constexpr = BLOCK_K // PER_WORD
-        PER_GROUP: tl.constexpr = WORDS // GROUPS_PER_BLOCK  # words of one group inside the block
-        CODE_MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)  # the top BITS mantissa bits
-        ROWS: tl.constexpr = w.shape[0]
-        kw = k0 // PER_WORD + tl.arange(0, WORDS)
-        k_mask = kw < K // PER_WORD
-        if HALF2:  # INT4: word j holds columns 8j..8j+7; the PTX pairs column i with column i + 4
-            p0, a0 = _half2_of(x_row, kw * 8, kw * 8 + 4, k_mask, 0.0625)
-            p1, a1 = _half2_of(x_row, kw * 8 + 1, kw * 8 + 5, k_mask, 0.0625)
-            p2, a2 = _half2_of(x_row, kw * 8 + 2, kw * 8 + 6, k_mask, 0.0625)
-            p3, a3 = _half2_of(x_row, kw * 8 + 3, kw * 8 + 7, k_mask, 0.0625)
-            prod = tl.inline_asm_elementwise(
-                _INT4_HALF2,
-                "=r,r,r,r,r,r",
-                [w, p0[None, :], p1[None, :], p2[None, :], p3[None, :]],
-                dtype=tl.float32,
-                is_pure=True,
-                pack=1,
-            )  # [ROWS, WORDS]: sum((c - 8) * x) / 16 over each word
-            xsum = a0 + a1 + a2 + a3
-        else:
-            prod = tl.zeros([ROWS, WORDS], dtype=tl.float32)
-            xsum = tl.zeros([WORDS], dtype=tl.float32)
-            for i in tl.static_range(PER_WORD):
-                if EVEN_K:
-                    xi = tl.load(x_row + kw * PER_WORD + i).to(tl.float32)
-                else:
-                    xi = tl.load(x_row + kw * PER_WORD + i, mask=k_mask, other=0.0).to(tl.float32)
-                if 23 - BITS - BITS * i >= 0:  # move code i to the top mantissa bits
-                    moved = w << (23 - BITS - BITS * i)
-                else:
-                    moved = w >> (BITS * i + BITS - 23)
-                if BITS == 4:
-                    fbits = (moved & CODE_MASK) | 0x3F800000
-                else:
-                    fbits = (moved & CODE_MASK) ^ 0x3FC00000  # flips the sign bit: code + 128
-                prod += fbits.to(tl.float32, bitcast=True) * xi[None, :]
-                xsum += xi
-        part = tl.sum(tl.reshape(prod, [ROWS, GROUPS_PER_BLOCK, PER_GROUP]), 2)  # [ROWS, NG]
-        xs = tl.sum(tl.reshape(xsum, [GROUPS_PER_BLOCK, PER_GROUP]), 1)[None, :]  # [1, NG]
-        if HALF2:  # part = sum((c - 8) * x) / 16
-            cx = 16.0 * part + 8.0 * xs
-        elif HAS_ZERO:  # part = sum((1 + c / 2**BITS) * x)
-            cx = (16.0 if BITS == 4 else 256.0) * (part - xs)
-        else:
-            cx = 256.0 * (part - 1.5 * xs)
-        if HAS_ZERO:
-            g_idx = k0 // GROUP + tl.arange(0, GROUPS_PER_BLOCK)
-            s_offs = offs_n[:, None] * stride_sn + g_idx[None, :]
-            s_mask = n_mask[:, None] & (g_idx < tl.cdiv(K, GROUP))[None, :]
-            z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-            return tl.sum(s * cx + z * xs, 1)
-        else:
-            return tl.sum(s * cx, 1)
 
     @triton.jit
     def _qgemv_kernel(
@@ -484,7 +373,6 @@ if triton is not None:
         stride_kp,
         ROPE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
         # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
@@ -495,26 +383,74 @@ if triton is not None:
         # int->float conversions: a code c of B bits placed in the top mantissa bits of 1.0 reads as
         # f = 1 + c / 2**B, and f * x is exact in float32 for a 16-bit x, so sum(c * x) = 2**B *
         # (sum(f * x) - sum(x)) per group (INT8 codes are biased by +128 first).
+        PER_WORD: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        PER_GROUP: tl.constexpr = WORDS // GROUPS_PER_BLOCK  # words of one group inside the block
+        CODE_MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)  # the top BITS mantissa bits
         pid_n = tl.program_id(0)
         row = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_n, n_mask = gemv_rows(pid_n, N, GLU_SPLIT, BLOCK_N, GLU)  # ROWS weight rows (GLU: two an output)
+        offs_g = tl.arange(0, GROUPS_PER_BLOCK)
         x_row = x_ptr + row * stride_xm
         acc = tl.zeros([ROWS], dtype=tl.float32)
-        first = pid_k * BLOCK_K
-        if PDL:  # (SPLIT_K == 1) the first K-block's scales and weights load while the kernel before finishes
-            let_next_launch(PDL)
-            s, w = _qgemv_weights(w_ptr, s_ptr, offs_n, n_mask, first, K, stride_wn, stride_sn,
-                                   BITS, GROUP, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K)  # fmt: skip
-            await_previous(PDL)
-            acc += _qgemv_block(x_row, w, s, z_ptr, offs_n, n_mask, first, K, stride_sn, BITS, HAS_ZERO, GROUP,
-                                GROUPS_PER_BLOCK, BLOCK_K, EVEN_K, HALF2)  # fmt: skip
-            first += BLOCK_K
-        for k0 in range(first, K, BLOCK_K * SPLIT_K):
-            s, w = _qgemv_weights(w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
-                                   BITS, GROUP, GROUPS_PER_BLOCK, BLOCK_K, EVEN_K)  # fmt: skip
-            acc += _qgemv_block(x_row, w, s, z_ptr, offs_n, n_mask, k0, K, stride_sn, BITS, HAS_ZERO, GROUP,
-                                GROUPS_PER_BLOCK, BLOCK_K, EVEN_K, HALF2)  # fmt: skip
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            g_idx = k0 // GROUP + offs_g
+            s_offs = offs_n[:, None] * stride_sn + g_idx[None, :]  # [BN, NG]
+            s_mask = n_mask[:, None] & (g_idx < tl.cdiv(K, GROUP))[None, :]
+            s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+            kw = k0 // PER_WORD + tl.arange(0, WORDS)  # word index in the row
+            k_mask = kw < K // PER_WORD
+            w_ptrs = w_ptr + offs_n[:, None] * stride_wn + kw[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BN, WORDS] int32
+            else:
+                w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
+            if HALF2:  # INT4: word j holds columns 8j..8j+7; the PTX pairs column i with column i + 4
+                p0, a0 = _half2_of(x_row, kw * 8, kw * 8 + 4, k_mask, 0.0625)
+                p1, a1 = _half2_of(x_row, kw * 8 + 1, kw * 8 + 5, k_mask, 0.0625)
+                p2, a2 = _half2_of(x_row, kw * 8 + 2, kw * 8 + 6, k_mask, 0.0625)
+                p3, a3 = _half2_of(x_row, kw * 8 + 3, kw * 8 + 7, k_mask, 0.0625)
+                prod = tl.inline_asm_elementwise(
+                    _INT4_HALF2,
+                    "=r,r,r,r,r,r",
+                    [w, p0[None, :], p1[None, :], p2[None, :], p3[None, :]],
+                    dtype=tl.float32,
+                    is_pure=True,
+                    pack=1,
+                )  # [ROWS, WORDS]: sum((c - 8) * x) / 16 over each word
+                xsum = a0 + a1 + a2 + a3
+            else:
+                prod = tl.zeros([ROWS, WORDS], dtype=tl.float32)
+                xsum = tl.zeros([WORDS], dtype=tl.float32)
+                for i in tl.static_range(PER_WORD):
+                    if EVEN_K:
+                        xi = tl.load(x_row + kw * PER_WORD + i).to(tl.float32)
+                    else:
+                        xi = tl.load(x_row + kw * PER_WORD + i, mask=k_mask, other=0.0).to(tl.float32)
+                    if 23 - BITS - BITS * i >= 0:  # move code i to the top mantissa bits
+                        moved = w << (23 - BITS - BITS * i)
+                    else:
+                        moved = w >> (BITS * i + BITS - 23)
+                    if BITS == 4:
+                        fbits = (moved & CODE_MASK) | 0x3F800000
+                    else:
+                        fbits = (moved & CODE_MASK) ^ 0x3FC00000  # flips the sign bit: code + 128
+                    prod += fbits.to(tl.float32, bitcast=True) * xi[None, :]
+                    xsum += xi
+            part = tl.sum(tl.reshape(prod, [ROWS, GROUPS_PER_BLOCK, PER_GROUP]), 2)  # [ROWS, NG]
+            xs = tl.sum(tl.reshape(xsum, [GROUPS_PER_BLOCK, PER_GROUP]), 1)[None, :]  # [1, NG]
+            if HALF2:  # part = sum((c - 8) * x) / 16
+                cx = 16.0 * part + 8.0 * xs
+            elif HAS_ZERO:  # part = sum((1 + c / 2**BITS) * x)
+                cx = (16.0 if BITS == 4 else 256.0) * (part - xs)
+            else:
+                cx = 256.0 * (part - 1.5 * xs)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+                acc += tl.sum(s * cx + z * xs, 1)
+            else:
+                acc += tl.sum(s * cx, 1)
         if SPLIT_K == 1:  # bias, residual [M, N] and the fusions of row_fusion (one row only)
             gemv_finish(
                 acc,

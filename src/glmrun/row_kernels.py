@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .kernels import launch_device, overlapped_launch
+from .kernels import launch_device
 from .row_fusion import NormedRow
 from .triton_import import tl, triton
 
@@ -23,8 +22,6 @@ ROW_SCALE = 2.0**-8
 65504 where the normalized row never does; scaled down it cannot for ``|weight| < 256``, and the exponent is
 given back in the consumer's epilogue (exact: a power of two)."""
 _SCALE: Any = tl.constexpr(ROW_SCALE) if tl is not None else ROW_SCALE
-# Triton's interpreter has no grid dependency control: there the dependent-launch code paths run without it.
-_GDC: Any = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1") if tl is not None else False
 
 
 def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow:
@@ -36,9 +33,8 @@ def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow
         raise ValueError(f"norm_prep takes one row, got {tuple(h.shape)}")
     h1 = h.reshape(k).contiguous()
     scaled = torch.empty_like(h1)
-    pdl = overlapped_launch(h1)
     with launch_device(h1):
-        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, num_warps=4)
     return NormedRow(h, scaled.view(h.shape), sumsq, eps)
 
 
@@ -140,23 +136,7 @@ if triton is not None:
             tl.atomic_add(sout_ptr, tl.sum(o32 * o32, 0))
 
     @triton.jit
-    def let_next_launch(PDL: tl.constexpr):
-        """Launched as a programmatic dependent (kernels.overlapped_launch): the next kernel in the stream may
-        start placing its programs once every program here has passed this point."""
-        if PDL and _GDC:
-            tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def await_previous(PDL: tl.constexpr):
-        """Launched as a programmatic dependent: wait until the kernel before has completed and its writes are
-        visible. Nothing written by an earlier kernel may be read, and nothing written, before this."""
-        if PDL and _GDC:
-            tl.extra.cuda.gdc_wait()
-
-    @triton.jit
-    def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        let_next_launch(PDL)
-        await_previous(PDL)
+    def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, K, BLOCK: tl.constexpr):
         total = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)

@@ -238,13 +238,14 @@ def test_async_iteration_and_task_cancellation(tiny: Engine) -> None:
         assert result is not None and same(result, expected) and text == expected.text
 
         handle = sched.submit(ids[1], GREEDY.replace(max_new_tokens=1500))
+        streaming = asyncio.Event()
 
         async def consume() -> None:
             async for _ in handle:
-                pass
+                streaming.set()
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(streaming.wait(), timeout=30)  # mid-stream, however slow the machine
         task.cancel()  # as Starlette does when an HTTP client goes away
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -14,7 +14,7 @@ from glmrun import kernels, layer_kernels
 from glmrun.cache import KVCache
 from glmrun.config import QuantSpec
 from glmrun.quant import QuantLinear
-from glmrun.row_fusion import NormedRow, RowFusion, fusion_args, prefetch_span
+from glmrun.row_fusion import NormedRow, RowFusion, fusion_args
 from glmrun.row_kernels import ROW_SCALE, norm_prep
 
 from .test_layer_kernels import _config
@@ -166,40 +166,6 @@ def test_fusion_args_refuse_an_output_norm_without_its_buffers():
     assert args["IN_NORM"] and args["GLU"] and not args["OUT_NORM"] and args["eps"] == 0.5 and not args["ROPE"]
 
 
-def test_prefetch_span_is_the_capped_weight_in_whole_16_byte_units(monkeypatch):
-    weight = torch.zeros(1000, 37, dtype=torch.float16)  # 74,000 bytes
-    monkeypatch.setenv("GLMRUN_L2_PREFETCH_MB", "0.05")  # 52,428.8 bytes
-    assert prefetch_span(weight) == 52_416
-    monkeypatch.setenv("GLMRUN_L2_PREFETCH_MB", "1")
-    assert prefetch_span(weight) == 74_000
-    assert prefetch_span(torch.zeros(3, dtype=torch.uint8)) == 0  # less than one unit
-    monkeypatch.setenv("GLMRUN_L2_PREFETCH_MB", "0")
-    assert prefetch_span(weight) == 0
-    monkeypatch.setenv("GLMRUN_L2_PREFETCH_MB", "-1")
-    with pytest.raises(ValueError, match="GLMRUN_L2_PREFETCH_MB"):
-        prefetch_span(weight)
-
-
-def test_fusion_args_prefetch_only_for_cuda_tensors():
-    like = torch.zeros(4)
-    weight = torch.zeros(64, 64, dtype=torch.uint8)
-    args = fusion_args(RowFusion(prefetch=weight), like, 8)  # the interpreter cannot run the PTX
-    assert args["PREFETCH"] is False and args["pf_bytes"] == 0 and args["pf_ptr"] is like
-    if torch.cuda.is_available():
-        on = fusion_args(RowFusion(prefetch=weight.cuda()), like.cuda(), 8)
-        assert on["PREFETCH"] is True and on["pf_bytes"] == 4096
-
-
-def test_streamed_weight_is_what_a_one_row_product_reads():
-    from glmrun.model import streamed_weight
-
-    plain = _layer("float16", 16, 64, seed=20)
-    quant = _layer("int4", 16, 64, seed=21)
-    assert streamed_weight(plain) is plain.weight
-    assert streamed_weight(quant) is quant.weight_q and quant.weight_q.dtype == torch.uint8
-    assert streamed_weight(torch.nn.ReLU()) is None
-
-
 def test_a_fused_product_needs_one_row():
     layer = _layer("int8", 16, 64, seed=10)
     x = torch.randn(2, 64, generator=_gen(11)).half().to(DEVICE)
@@ -210,7 +176,9 @@ def test_a_fused_product_needs_one_row():
         triton_quant_matmul(x, layer.weight_q, layer.weight_scale, layer.weight_zero, 8, 32, config, fusion=RowFusion())
 
 
-def _small_model(bits: int | None):
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_a_fused_decode_row_matches_the_plain_layers(bits):
+    """_run_row (norms and SwiGLU in the products) against run_layers' plain path on the same weights."""
     from glmrun.bench import random_model
     from glmrun.checkpoint import PRESETS
     from glmrun.quant import quantize_model_
@@ -220,32 +188,7 @@ def _small_model(bits: int | None):
     if bits is not None:
         for layer in model.layers:
             quantize_model_(layer, QuantSpec(bits=bits, group_size=32))
-    return config, model.to(DEVICE, torch.float16)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the L2 prefetch is PTX)")
-@pytest.mark.parametrize("bits", [None, 8, 4])
-def test_the_l2_prefetch_leaves_a_decode_row_unchanged(bits, monkeypatch):
-    """Each product prefetching the next one's weight (and the last, the head's) changes no bit of the output."""
-    config, model = _small_model(bits)
-    rows = {}
-    for mb in ("0", "16", "0.001"):  # off, whole weights, a slice of each
-        monkeypatch.setenv("GLMRUN_L2_PREFETCH_MB", mb)
-        cache = KVCache(config, rows=1, max_len=256, dtype=torch.float16, devices=[DEVICE] * 3)
-        with torch.inference_mode():
-            model(torch.arange(5, 25, device=DEVICE)[None], torch.arange(20, device=DEVICE)[None], cache)
-            x = model.embed(torch.tensor([[17]], device=DEVICE))
-            pos = torch.tensor([[20]], device=DEVICE)
-            rows[mb] = model._run_row(x, pos, cache, range(3), length=21, first_row=0, masked=False)
-    assert rows["0"].abs().max().item() > 0
-    assert torch.equal(rows["0"], rows["16"]) and torch.equal(rows["0"], rows["0.001"])
-
-
-@pytest.mark.parametrize("bits", [None, 8, 4])
-def test_a_fused_decode_row_matches_the_plain_layers(bits):
-    """_run_row (norms and SwiGLU in the products) against run_layers' plain path on the same weights."""
-    config, model = _small_model(bits)
+    model = model.to(DEVICE, torch.float16)
     caches = [KVCache(config, rows=1, max_len=256, dtype=torch.float16, devices=[DEVICE] * 3) for _ in range(2)]
     prompt = torch.randint(5, 500, (1, 20), generator=_gen(12)).to(DEVICE)
     with torch.inference_mode():

@@ -257,7 +257,7 @@ def decode_attention(
 
 
 if triton is not None:
-    from .row_kernels import gemv_finish, gemv_rows, l2_prefetch_share
+    from .row_kernels import gemv_finish, gemv_rows
 
     @triton.jit
     def _half_gemv_kernel(
@@ -295,9 +295,6 @@ if triton is not None:
         stride_kp,
         ROPE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        pf_ptr,
-        pf_bytes,
-        PREFETCH: tl.constexpr,
     ):
         # BLOCK_N outputs per program (ROWS weight rows: two an output with GLU); products summed elementwise
         # in float32 and reduced once at the end.
@@ -312,7 +309,6 @@ if triton is not None:
             )
             xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
             acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-        l2_prefetch_share(pf_ptr, pf_bytes, PREFETCH)  # the next product's weight, while this kernel's tail runs
         gemv_finish(
             tl.sum(acc, 1),
             offs_n,

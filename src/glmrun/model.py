@@ -90,35 +90,14 @@ def row_linear(
 
 
 def row_into_norm(
-    layer: nn.Module,
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm: RMSNorm | None,
-    cell: torch.Tensor | None,
-    prefetch: torch.Tensor | None = None,
+    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm | None, cell: torch.Tensor | None
 ) -> NormedRow | torch.Tensor:
-    """``residual + layer(x)`` for one row; with ``norm``, as a NormedRow for it (``cell``: a zeroed float32 [1]).
-    ``prefetch``: the next product's weight, brought into L2 as this kernel ends (see RowFusion)."""
+    """``residual + layer(x)`` for one row; with ``norm``, as a NormedRow for it (``cell``: a zeroed float32 [1])."""
     if norm is None or cell is None:
-        return row_linear(layer, x, RowFusion(prefetch=prefetch), residual)
+        return row_linear(layer, x, RowFusion(), residual)
     scaled = torch.empty_like(residual)
-    fusion = RowFusion(out_weight=norm.weight, out_scaled=scaled, out_sumsq=cell, prefetch=prefetch)
-    h = row_linear(layer, x, fusion, residual)
+    h = row_linear(layer, x, RowFusion(out_weight=norm.weight, out_scaled=scaled, out_sumsq=cell), residual)
     return NormedRow(h, scaled, cell, norm.eps)
-
-
-def _at(site: str, weight: torch.Tensor | None) -> torch.Tensor | None:
-    import os
-
-    return weight if site in os.environ.get("GLMRUN_L2_PREFETCH_AT", "qkv,dense,up,down").split(",") else None
-
-
-def streamed_weight(layer: nn.Module) -> torch.Tensor | None:
-    """The tensor a one-row product of ``layer`` streams: a float Linear's weight, a QuantLinear's codes."""
-    weight = getattr(layer, "weight_q", None)
-    if weight is None:
-        weight = getattr(layer, "weight", None)
-    return weight if isinstance(weight, torch.Tensor) else None
 
 
 def rotary_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
@@ -261,16 +240,10 @@ class SelfAttention(nn.Module):
         return cast(torch.Tensor, out).view(B, 1, H * D)
 
     def forward_row(
-        self,
-        row: NormedRow,
-        step: StepInputs,
-        cache: KVCache,
-        post: RMSNorm,
-        cell: torch.Tensor,
-        then: torch.Tensor | None = None,
+        self, row: NormedRow, step: StepInputs, cache: KVCache, post: RMSNorm, cell: torch.Tensor
     ) -> NormedRow | torch.Tensor:
         """One decode row on CUDA with the norms in the products: ``row.h + attention(norm(row.h))``, normed for
-        ``post`` (see row_fusion); ``then``: the weight of the product after this one, prefetched into L2."""
+        ``post`` (see row_fusion)."""
         from . import layer_kernels as lk
 
         H, D, r = self.heads, self.head_dim, step.first_row
@@ -278,10 +251,9 @@ class SelfAttention(nn.Module):
         q = torch.empty(H * D, dtype=row.scaled.dtype, device=row.scaled.device)
         cos, sin = step.cos.view(-1), step.sin.view(-1)
         rope = RopeWrite(q, k_buf[r], v_buf[r], cos, sin, step.positions.view(1), H, self.kv_heads)
-        fusion = RowFusion(row=row, rope=rope, prefetch=_at("qkv", streamed_weight(self.dense)))
-        row_linear(self.query_key_value, row.scaled, fusion)  # q rotated; k, v cached
+        row_linear(self.query_key_value, row.scaled, RowFusion(row=row, rope=rope))  # q rotated; k, v cached
         out = lk.decode_attention(q.view(1, H, D), k_buf, v_buf, step.positions.view(1), r, step.length)
-        return row_into_norm(self.dense, out.view(1, 1, H * D), row.h, post, cell, then)
+        return row_into_norm(self.dense, out.view(1, 1, H * D), row.h, post, cell)
 
     def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
         return (
@@ -335,14 +307,11 @@ class MLP(nn.Module):
             act = kernels.on_device(kernels.swiglu, h)(h)
         return linear(self.dense_4h_to_h, act, residual)
 
-    def forward_row(
-        self, row: NormedRow, after: RMSNorm | None, cell: torch.Tensor | None, then: torch.Tensor | None = None
-    ) -> NormedRow | torch.Tensor:
+    def forward_row(self, row: NormedRow, after: RMSNorm | None, cell: torch.Tensor | None) -> NormedRow | torch.Tensor:
         """``row.h + mlp(norm(row.h))`` for one row, its SwiGLU in the up projection's kernel; normed for
-        ``after`` when given (see row_fusion); ``then``: the next product's weight, prefetched into L2."""
-        fusion = RowFusion(row=row, glu=True, prefetch=_at("up", streamed_weight(self.dense_4h_to_h)))
-        act = row_linear(self.dense_h_to_4h, row.scaled, fusion)  # [1, 1, ffn]
-        return row_into_norm(self.dense_4h_to_h, act, row.h, after, cell, then)
+        ``after`` when given (see row_fusion)."""
+        act = row_linear(self.dense_h_to_4h, row.scaled, RowFusion(row=row, glu=True))  # [1, 1, ffn]
+        return row_into_norm(self.dense_4h_to_h, act, row.h, after, cell)
 
     def row_fusable(self, x: torch.Tensor, lk: ModuleType) -> bool:
         return _row_fusable(self.dense_h_to_4h, x, lk) and _row_fusable(self.dense_4h_to_h, x, lk)
@@ -368,13 +337,11 @@ class GLMBlock(nn.Module):
         cache: KVCache,
         cells: torch.Tensor,  # float32 [2], zeroed: sum(h**2) of the two norms that follow
         after: RMSNorm | None,  # the next layer's input norm, or None (the result is then the plain h)
-        then: torch.Tensor | None = None,  # the weight of the product after this block, prefetched into L2
     ) -> NormedRow | torch.Tensor:
         """:meth:`forward` of one decode row (CUDA) with the norms and SwiGLU inside the products."""
-        up = _at("dense", streamed_weight(self.mlp.dense_h_to_4h))
-        h = self.self_attention.forward_row(row, step, cache, self.post_attention_layernorm, cells[0:1], up)
+        h = self.self_attention.forward_row(row, step, cache, self.post_attention_layernorm, cells[0:1])
         assert isinstance(h, NormedRow)
-        return self.mlp.forward_row(h, after, cells[1:2], then)
+        return self.mlp.forward_row(h, after, cells[1:2])
 
     def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
         """Whether :meth:`forward_row` serves the one-row ``x`` (CUDA kernels for every product and the attention)."""
@@ -547,17 +514,10 @@ class ChatGLMForCausalLM(nn.Module):
         cells = torch.zeros(2 * len(blocks) + 1, dtype=torch.float32, device=x.device)  # one sum(h**2) a norm
         first = blocks[0].input_layernorm
         out: NormedRow | torch.Tensor = norm_prep(x, first.weight, first.eps, cells[0:1])
-        head = self.transformer.embedding.word_embeddings if self.config.tie_word_embeddings else None
-        head_weight = streamed_weight(head if head is not None else self.transformer.output_layer)
-        every = self.blocks()
         for j, block in enumerate(blocks):
             after = blocks[j + 1].input_layernorm if j + 1 < len(blocks) else None
-            i = layers[j] + 1  # the next layer, which may be another device's
-            then = streamed_weight(every[i].self_attention.query_key_value) if i < len(every) else head_weight
-            if then is not None and then.device != x.device:
-                then = None
             assert isinstance(out, NormedRow)
-            out = block.forward_row(out, step, cache, cells[2 * j + 1 : 2 * j + 3], after, _at("down", then))
+            out = block.forward_row(out, step, cache, cells[2 * j + 1 : 2 * j + 3], after)
         assert isinstance(out, torch.Tensor)
         return out
 

@@ -136,10 +136,6 @@ def triton_config_for(m: int, n: int, k: int, group_size: int, bits: int) -> Ker
         block_k = next(fits, None)
         if block_k is None:
             return None
-        import os
-
-        if os.environ.get("GLMRUN_GEMV_WIDE") == "1" and n <= 4096 and _block_k_fits(4096, group_size, k, "gemv", bits):
-            return KernelConfig("gemv", block_n=8, block_k=4096, split_k=1, num_warps=8)
         return KernelConfig("gemv", block_n=8, block_k=block_k, split_k=1, num_warps=4)
     block_k = next((b for b in (128, 64, 32) if _block_k_fits(b, group_size, k, "mm", bits)), None)
     if block_k is None:
@@ -282,7 +278,7 @@ def _add_after(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tenso
 
 
 if triton is not None:
-    from .row_kernels import gemv_finish, gemv_rows, l2_prefetch_share
+    from .row_kernels import gemv_finish, gemv_rows
 
     # INT4 with float16 x: half2 arithmetic in inline PTX, one call per 32-bit word (8 codes). A lop3 puts
     # two codes (columns i and i + 4) into the mantissas of 1024.0 (the odd columns' as 16 c), one sub or
@@ -377,9 +373,6 @@ if triton is not None:
         stride_kp,
         ROPE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        pf_ptr,
-        pf_bytes,
-        PREFETCH: tl.constexpr,
     ):
         # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
         # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
@@ -458,7 +451,6 @@ if triton is not None:
                 acc += tl.sum(s * cx + z * xs, 1)
             else:
                 acc += tl.sum(s * cx, 1)
-        l2_prefetch_share(pf_ptr, pf_bytes, PREFETCH)  # the next product's weight, while this kernel's tail runs
         if SPLIT_K == 1:  # bias, residual [M, N] and the fusions of row_fusion (one row only)
             gemv_finish(
                 acc,

@@ -21,26 +21,12 @@ Triton helpers of :mod:`glmrun.row_kernels`, whose ``norm_prep`` starts a chain 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["NormedRow", "RopeWrite", "RowFusion", "fusion_args", "prefetch_span"]
-
-PREFETCH_MB = 16.0
-"""Megabytes of the next product's weight a one-row product asks the L2 for as it ends (``GLMRUN_L2_PREFETCH_MB``
-overrides; 0 turns the prefetch off)."""
-
-
-def prefetch_span(weight: Tensor) -> int:
-    """How many leading bytes of ``weight`` to prefetch: at most the cap above, a multiple of 16 (the bulk
-    prefetch's unit); 0 where the cap is 0."""
-    cap = float(os.environ.get("GLMRUN_L2_PREFETCH_MB", PREFETCH_MB))
-    if cap < 0:
-        raise ValueError(f"GLMRUN_L2_PREFETCH_MB must be 0 or more, got {cap}")
-    return min(weight.numel() * weight.element_size(), int(cap * (1 << 20))) // 16 * 16
+__all__ = ["NormedRow", "RopeWrite", "RowFusion", "fusion_args"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +73,6 @@ class RowFusion:
     out_scaled: Tensor | None = None
     out_sumsq: Tensor | None = None
     rope: RopeWrite | None = None
-    prefetch: Tensor | None = None  # the next product's weight: its first bytes go to L2 as this kernel ends
 
 
 def fusion_args(fusion: RowFusion | None, like: Tensor, block_n: int) -> dict[str, Any]:
@@ -102,12 +87,7 @@ def fusion_args(fusion: RowFusion | None, like: Tensor, block_n: int) -> dict[st
     if rope is not None and (rope.k_row.stride(-1) != 1 or rope.v_row.stride() != rope.k_row.stride()):
         raise ValueError("the cache rows must hold each head's dims contiguously, keys and values alike")
     head_dim = rope.k_row.shape[-1] if rope is not None else 1
-    pf = f.prefetch if f.prefetch is not None and like.is_cuda else None  # (Triton's interpreter has no PTX)
-    pf_bytes = prefetch_span(pf) if pf is not None else 0
     return dict(
-        pf_ptr=pf if pf is not None and pf_bytes else like,
-        pf_bytes=pf_bytes,
-        PREFETCH=pf_bytes > 0,
         q_ptr=rope.q if rope is not None else like,
         k_ptr=rope.k_row if rope is not None else like,
         v_ptr=rope.v_row if rope is not None else like,

@@ -22,8 +22,6 @@ ROW_SCALE = 2.0**-8
 65504 where the normalized row never does; scaled down it cannot for ``|weight| < 256``, and the exponent is
 given back in the consumer's epilogue (exact: a power of two)."""
 _SCALE: Any = tl.constexpr(ROW_SCALE) if tl is not None else ROW_SCALE
-# Bytes one bulk prefetch asks for, at most (its size field counts 16-byte units).
-_PREFETCH_MAX: Any = tl.constexpr(1 << 19) if tl is not None else 1 << 19
 
 
 def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow:
@@ -54,37 +52,6 @@ if triton is not None:
             out = pid * BLOCK_N + tl.arange(0, BLOCK_N)
             rows = out
         return rows, out < N_OUT
-
-    # One thread of the program asks the L2 for `size` bytes at `addr` (Hopper's bulk prefetch; no registers wait).
-    _L2_PREFETCH: Any = tl.constexpr("""
-    {
-    .reg .pred p;
-    .reg .u32 t;
-    mov.u32 t, %tid.x;
-    setp.eq.u32 p, t, 0;
-    setp.ne.and.u32 p, $2, 0, p;
-    @p cp.async.bulk.prefetch.L2.global [$1], $2;
-    mov.u32 $0, 0;
-    }
-    """)
-
-    @triton.jit
-    def l2_prefetch_share(pf_ptr, pf_bytes, PREFETCH: tl.constexpr):
-        """This program's share of the first ``pf_bytes`` (a multiple of 16) at ``pf_ptr``, brought into L2."""
-        if PREFETCH:
-            n = tl.num_programs(0) * tl.num_programs(1)
-            pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-            chunk = tl.minimum(((pf_bytes + n - 1) // n + 15) // 16 * 16, _PREFETCH_MAX)
-            start = pid * chunk
-            size = tl.minimum(chunk, tl.maximum(pf_bytes - start, 0))
-            tl.inline_asm_elementwise(
-                _L2_PREFETCH,
-                "=r,l,r",
-                [pf_ptr.to(tl.pointer_type(tl.uint8)) + start, size],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
 
     @triton.jit
     def gemv_finish(

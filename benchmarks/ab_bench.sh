@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `glmrun bench` of an older commit (OLD_REV) beside this tree, alternated over ROUNDS rounds in one call on one
-# machine, then summarised (ab_summary.py). Run-to-run spread of one build on one H100 reached 2.7% (INT4, 2K:
-# results/h100/prefetch/), so a single pair decides nothing: take ROUNDS >= 3 and compare the means and ranges.
+# machine, then summarised (ab_summary.py). One build's INT4 runs at 2K on one warm H100 ranged over 5.3%
+# (422.9-445.5 tok/s, results/h100/prefetch/), so a single pair decides nothing: take ROUNDS >= 3 and compare
+# the means and ranges.
 #
 #   OLD_REV=eb5f5d0 ROUNDS=3 QUANTS="int4 int8" bash benchmarks/ab_bench.sh OUTDIR [extra glmrun bench args]
 #

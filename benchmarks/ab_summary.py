@@ -43,7 +43,7 @@ def summarise(runs: Path) -> dict[str, object]:
         if "old" in sides and "new" in sides:
             old, new = statistics.fmean(sides["old"]), statistics.fmean(sides["new"])
             row["new_over_old"] = round(new / old, 4)
-            # the means differ by less than either side's own spread: no decision
+            # the means differ by no more than the wider side's own range: no decision
             spread = max(max(v) - min(v) for v in sides.values())
             row["within_spread"] = abs(new - old) <= spread
         table[quant] = row

@@ -21,16 +21,20 @@ FORMATS = {
     "int8-sym": lambda w, g: quantize_int8(w, g, zero=False),
     "int4": lambda w, g: quantize_int4(w, g),
 }
-# (kind, m, n, k, group, block_k, split_k): a block inside a group, blocks of several groups, a cut last
-# block (576 = SmolLM2's width, not a multiple of 512), one group per row, split K; mm over 1 and 2 row tiles.
+# (kind, m, n, k, group, block_k, split_k, stages): a block inside a group, blocks of several groups, a cut last
+# block (576 = SmolLM2's width, not a multiple of 512), one group per row, split K; the gemv loop software-
+# pipelined (stages > 1: asynchronous copies on a GPU, the same arithmetic in the interpreter), with a cut last
+# block too; mm over 1 and 2 row tiles.
 LAUNCHES = [
-    ("gemv", 1, 24, 256, 64, 32, 1),
-    ("gemv", 1, 24, 256, 32, 128, 1),
-    ("gemv", 2, 24, 576, 64, 512, 1),
-    ("gemv", 1, 16, 192, 192, 64, 1),
-    ("gemv", 1, 24, 512, 64, 128, 2),
-    ("mm", 3, 40, 256, 64, 64, 1),
-    ("mm", 17, 40, 256, 64, 32, 2),
+    ("gemv", 1, 24, 256, 64, 32, 1, 1),
+    ("gemv", 1, 24, 256, 32, 128, 1, 1),
+    ("gemv", 2, 24, 576, 64, 512, 1, 1),
+    ("gemv", 1, 16, 192, 192, 64, 1, 1),
+    ("gemv", 1, 24, 512, 64, 128, 2, 1),
+    ("gemv", 1, 24, 1024, 64, 128, 1, 3),
+    ("gemv", 1, 24, 576, 64, 128, 1, 4),
+    ("mm", 3, 40, 256, 64, 64, 1, 3),
+    ("mm", 17, 40, 256, 64, 32, 2, 3),
 ]
 
 
@@ -41,12 +45,13 @@ def _quantized(fmt: str, n: int, k: int, group: int, seed: int) -> QuantizedWeig
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize(("kind", "m", "n", "k", "group", "block_k", "split_k"), LAUNCHES)
-def test_kernel_matches_the_dequantized_matmul(fmt, kind, m, n, k, group, block_k, split_k):
+@pytest.mark.parametrize(("kind", "m", "n", "k", "group", "block_k", "split_k", "stages"), LAUNCHES)
+def test_kernel_matches_the_dequantized_matmul(fmt, kind, m, n, k, group, block_k, split_k, stages):
     qw = _quantized(fmt, n, k, group, seed=m * 1000 + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).half()
     ref = x.float() @ dequantize(qw).T  # [m, n]
-    config = KernelConfig(kind, block_n=8 if kind == "gemv" else 32, block_k=block_k, split_k=split_k, block_m=16)
+    bn = 8 if kind == "gemv" else 32
+    config = KernelConfig(kind, block_n=bn, block_k=block_k, split_k=split_k, block_m=16, num_stages=stages)
     args = [t.to(DEVICE) if t is not None else None for t in (x, qw.q, qw.scale, qw.zero)]
     y = triton_quant_matmul(*args, qw.bits, group, config)
     assert y.dtype == torch.float16 and y.shape == (m, n)

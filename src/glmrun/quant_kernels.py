@@ -136,7 +136,7 @@ def triton_config_for(m: int, n: int, k: int, group_size: int, bits: int) -> Ker
         block_k = next(fits, None)
         if block_k is None:
             return None
-        return KernelConfig("gemv", block_n=8, block_k=block_k, split_k=1, num_warps=4)
+        return KernelConfig("gemv", block_n=8, block_k=block_k, split_k=1, num_warps=4, num_stages=1)
     block_k = next((b for b in (128, 64, 32) if _block_k_fits(b, group_size, k, "mm", bits)), None)
     if block_k is None:
         return None
@@ -228,6 +228,8 @@ def triton_quant_matmul(
                 HALF2=bits == 4 and x2d.is_cuda and x2d.dtype == torch.float16,
                 GLU_SPLIT=n_out,
                 ROWS=config.block_n * (2 if glu else 1),
+                K_WORDS=k // (32 // bits),
+                STAGES=config.num_stages,
                 **fusion_args(fusion, scale, config.block_n),
                 **common,
             )
@@ -373,6 +375,8 @@ if triton is not None:
         stride_kp,
         ROPE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        K_WORDS,
+        STAGES: tl.constexpr,
     ):
         # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
         # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
@@ -394,13 +398,13 @@ if triton is not None:
         offs_g = tl.arange(0, GROUPS_PER_BLOCK)
         x_row = x_ptr + row * stride_xm
         acc = tl.zeros([ROWS], dtype=tl.float32)
-        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        for k0 in tl.range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K, num_stages=STAGES):
             g_idx = k0 // GROUP + offs_g
             s_offs = offs_n[:, None] * stride_sn + g_idx[None, :]  # [BN, NG]
             s_mask = n_mask[:, None] & (g_idx < tl.cdiv(K, GROUP))[None, :]
             s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
             kw = k0 // PER_WORD + tl.arange(0, WORDS)  # word index in the row
-            k_mask = kw < K // PER_WORD
+            k_mask = kw < K_WORDS  # (an argument, not K // PER_WORD: its divisibility by 16 gives 16-byte loads)
             w_ptrs = w_ptr + offs_n[:, None] * stride_wn + kw[None, :]
             if EVEN_K:
                 w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BN, WORDS] int32

@@ -130,9 +130,13 @@ def triton_config_for(m: int, n: int, k: int, group_size: int, bits: int) -> Ker
     # Picked from `benchmarks/quant_kernels_gpu.py --sweep` (one row: on an H100, torch 2.11, Triton 3.6,
     # `results/h100/kernel_sweep.json`; more rows: on an H200): one row -> gemv with long K-blocks, 8 outputs
     # per program and no split of K (a split costs a zeroed float32 output and a cast: two more kernels);
-    # more rows -> 16-row tensor-core tiles, narrow in N and split over K twice.
+    # more rows -> 16-row tensor-core tiles, narrow in N and split over K twice. An INT4 weight of 4K rows or more
+    # (ChatGLM2-6B's up projection, whose fused SwiGLU puts 16 rows in a program) takes 1,024-column blocks:
+    # 26.3 us against 29.2 at 2,048 (`results/h100/stages/gemv_stages_call1.json`).
     if m == 1:
-        fits = (b for b in (2048, 1024, 512, 256, 128, 64, 32) if _block_k_fits(b, group_size, k, "gemv", bits))
+        longest = 1024 if bits == 4 and n >= 4 * k else 2048
+        sizes = (2048, 1024, 512, 256, 128, 64, 32)
+        fits = (b for b in sizes if b <= longest and _block_k_fits(b, group_size, k, "gemv", bits))
         block_k = next(fits, None)
         if block_k is None:
             return None

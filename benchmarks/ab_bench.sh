@@ -6,7 +6,9 @@
 #
 #   OLD_REV=eb5f5d0 ROUNDS=3 QUANTS="int4 int8" bash benchmarks/ab_bench.sh OUTDIR [extra glmrun bench args]
 #
-# QUANTS: int4, int8 or none (float). Each run's JSON goes to OUTDIR/runs.tar, the summary to OUTDIR/ab_summary.json.
+# OLD_SRC: a directory holding that commit's src/ (from `git archive REV src`), for a commit the device copy's
+# git does not hold; OLD_REV then only names it. QUANTS: int4, int8 or none (float). NEW_REV names the tree in the summary (the device copy's git HEAD can be stale).
+# Each run's JSON goes to OUTDIR/runs.tar, the summary to OUTDIR/ab_summary.json.
 # The default bench is the decode setting (ChatGLM2-6B shape, 2K prompt, 128 new tokens, CUDA); set
 # BENCH to change it (e.g. BENCH="--preset tiny --device cpu --prompt-len 16 --gen-len 8" for a dry run).
 set -euo pipefail
@@ -18,7 +20,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # the device machine: what its Pyt
     > /dev/null 2>&1 || echo "note: the wheels in .whl/ did not install; running with what python3 has" >&2
 fi
 mkdir -p "$work/old" "$work/runs"
-git archive "${OLD_REV:?set OLD_REV to the commit to compare with}" src | tar -x -C "$work/old"
+if [ -n "${OLD_SRC:-}" ]; then  # an older src/ already unpacked (a commit the machine's git copy may not hold)
+  cp -r "$OLD_SRC" "$work/old/src"
+else
+  git archive "${OLD_REV:?set OLD_REV to the commit to compare with}" src | tar -x -C "$work/old"
+fi
 py="${PYTHON:-python3}"
 bench="${BENCH:---preset chatglm2-6b --device cuda --dtype float16 --prompt-len 2048 --gen-len 128 --prefill-chunk 512}"
 for qz in ${QUANTS:-int4 int8}; do
@@ -36,6 +42,6 @@ for qz in ${QUANTS:-int4 int8}; do
   done
 done
 tar -cf "$out/runs.tar" -C "$work" runs
-$py benchmarks/ab_summary.py "$work/runs" --old-rev "$OLD_REV" --new-rev "$(git rev-parse --short HEAD 2>/dev/null || echo tree)" \
+$py benchmarks/ab_summary.py "$work/runs" --old-rev "$OLD_REV" --new-rev "${NEW_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo tree)}" \
   --out "$out/ab_summary.json"
 rm -rf "$work"

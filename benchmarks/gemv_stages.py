@@ -65,7 +65,6 @@ def main() -> int:
     ap.add_argument("--stages", default="1,2,3,4")
     ap.add_argument("--skip", default="", help="settings bn:bk:stages to leave out, comma-separated")
     ap.add_argument("--warps", default="4")
-    ap.add_argument("--maxnreg", default="0", help="register caps a thread (0: none), comma-separated")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
@@ -115,15 +114,13 @@ def _sweep_shape(args: argparse.Namespace, bits: int, name: str) -> tuple[list[d
 
     want = run_all(base)[0].float()
     rows: list[dict[str, Any]] = []
-    grid = itertools.product(
-        _ints(args.block_n), _ints(args.block_k), _ints(args.stages), _ints(args.warps), _ints(args.maxnreg)
-    )
-    for bn, bk, st, nw, mr in grid:
+    grid = itertools.product(_ints(args.block_n), _ints(args.block_k), _ints(args.stages), _ints(args.warps))
+    for bn, bk, st, nw in grid:
         if f"{bn}:{bk}:{st}" in args.skip.split(","):
             continue
-        cfg = KernelConfig("gemv", block_n=bn, block_k=bk, split_k=1, num_warps=nw, num_stages=st, maxnreg=mr or None)
+        cfg = KernelConfig("gemv", block_n=bn, block_k=bk, split_k=1, num_warps=nw, num_stages=st)
         entry: dict[str, Any] = {"bits": bits, "shape": name, "k": k, "n": n, "bn": bn, "bk": bk, "stages": st}
-        entry["warps"], entry["maxnreg"] = nw, mr
+        entry["warps"] = nw
         try:
             got = run_all(cfg)[0].float()
             entry["rel_err_vs_current"] = ((got - want).norm() / want.norm()).item()
@@ -135,8 +132,8 @@ def _sweep_shape(args: argparse.Namespace, bits: int, name: str) -> tuple[list[d
         print(json.dumps(entry), flush=True)
     ok = [r for r in rows if "us" in r and r["rel_err_vs_current"] < 1e-2]
     best = min(ok, key=lambda r: r["us"])
-    mine = (base.block_n, base.block_k, base.num_stages, base.num_warps, base.maxnreg or 0)
-    cur = next((r for r in ok if (r["bn"], r["bk"], r["stages"], r["warps"], r["maxnreg"]) == mine), None)
+    mine = (base.block_n, base.block_k, base.num_stages, base.num_warps)
+    cur = next((r for r in ok if (r["bn"], r["bk"], r["stages"], r["warps"]) == mine), None)
     summary = {"bits": bits, "shape": name, "bytes": nbytes, "plain_rel_err_vs_float32": plain_err}
     return rows, {**summary, "current": cur, "best": best}
 

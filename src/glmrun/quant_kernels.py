@@ -104,7 +104,6 @@ class KernelConfig:
     num_warps: int = 4
     block_m: int = 16  # mm only: rows of x per program (at least 16 for tl.dot)
     num_stages: int = 2
-    maxnreg: int | None = None  # gemv only: a cap on registers a thread (more programs an SM), None: the compiler's
 
 
 def _block_k_fits(block_k: int, group_size: int, k: int, kind: str, bits: int) -> bool:
@@ -235,7 +234,6 @@ def triton_quant_matmul(
                 ROWS=config.block_n * (2 if glu else 1),
                 K_WORDS=k // (32 // bits),
                 STAGES=config.num_stages,
-                **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
                 **fusion_args(fusion, scale, config.block_n),
                 **common,
             )

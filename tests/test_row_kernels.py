@@ -14,7 +14,7 @@ from glmrun import kernels, layer_kernels
 from glmrun.cache import KVCache
 from glmrun.config import QuantSpec
 from glmrun.quant import QuantLinear
-from glmrun.row_fusion import NormedRow, RowFusion, fusion_args
+from glmrun.row_fusion import NormedRow, RowFusion, cell_value, check_cell, fusion_args, norm_cells
 from glmrun.row_kernels import ROW_SCALE, norm_prep
 
 from .test_layer_kernels import _config
@@ -59,14 +59,41 @@ def _plain(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _product(layer, x, RowFusion())
 
 
-def test_norm_prep_gives_the_scaled_row_and_its_sum_of_squares():
+def _cell(exact: bool) -> torch.Tensor:
+    return norm_cells(1, torch.float16 if exact else torch.bfloat16, DEVICE)[0]
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_norm_prep_gives_the_scaled_row_and_its_sum_of_squares(exact):
     h, gamma = _row(200, seed=1)  # not a multiple of the kernel's block
-    cell = torch.zeros(1, dtype=torch.float32, device=DEVICE)
+    cell = torch.full((2,), 77, dtype=torch.int64 if exact else torch.float32, device=DEVICE)  # stored over
     row = norm_prep(h, gamma, EPS, cell)
     assert row.h is h and row.sumsq is cell and row.eps == EPS
     assert torch.equal(row.scaled.cpu(), (h.float() * gamma.float() * ROW_SCALE).half().cpu())
-    want = h.float().pow(2).sum().item()
-    assert abs(cell.item() - want) <= 1e-5 * want
+    want = h.double().pow(2).sum().item()
+    assert abs(cell_value(cell) - want) <= 1e-6 * want
+
+
+def test_norm_cells_are_exact_integers_for_float16_rows_only():
+    exact = norm_cells(3, torch.float16, DEVICE)
+    assert exact.shape == (3, 2) and exact.dtype == torch.int64 and not exact.any()
+    assert norm_cells(3, torch.bfloat16, DEVICE).dtype == torch.float32
+    # the fixed point: hi in units of 2**-16, lo in units of 2**-56
+    assert cell_value(torch.tensor([3 << 16, 1 << 55])) == 3.5
+    assert cell_value(torch.tensor([2.25], dtype=torch.float32)) == 2.25
+
+
+def test_a_cell_that_cannot_hold_the_sum_is_refused():
+    check_cell(torch.zeros(2, dtype=torch.int64), torch.float16)
+    with pytest.raises(ValueError, match="float16 rows only"):
+        check_cell(torch.zeros(2, dtype=torch.int64), torch.bfloat16)  # squares past the fixed point's range
+    with pytest.raises(ValueError, match="2 contiguous"):
+        check_cell(torch.zeros(1, dtype=torch.int64), torch.float16)
+    with pytest.raises(ValueError, match="int64 \\[2\\] or float32"):
+        check_cell(torch.zeros(2, dtype=torch.float16), torch.float16)
+    h, gamma = _row(64, seed=2)
+    with pytest.raises(ValueError, match="float16 rows only"):
+        norm_prep(h.bfloat16(), gamma.bfloat16(), EPS, torch.zeros(2, dtype=torch.int64, device=DEVICE))
 
 
 def test_norm_prep_takes_one_row():
@@ -114,19 +141,40 @@ def test_swiglu_in_the_up_projection_matches_the_separate_kernel(kind):
 
 
 @pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
-def test_an_output_norm_writes_the_next_products_input(kind):
+@pytest.mark.parametrize("exact", [True, False])
+def test_an_output_norm_writes_the_next_products_input(kind, exact):
     x, _ = _row(96, seed=7)
     residual, gamma = _row(40, seed=8)
     layer = _layer(kind, 40, 96, seed=9)
     scaled = torch.empty_like(residual)
-    cell = torch.full((1,), 0.0, dtype=torch.float32, device=DEVICE)
+    cell = _cell(exact)
     fusion = RowFusion(out_weight=gamma, out_scaled=scaled, out_sumsq=cell)
     h = _product(layer, x, fusion, residual)
     want = _product(layer, x, RowFusion(), residual)  # the same kernel without the output norm
     assert torch.equal(h.cpu(), want.cpu())
     assert torch.equal(scaled.cpu(), (h.float() * gamma.float() * ROW_SCALE).half().cpu())
-    ss = h.float().pow(2).sum().item()
-    assert abs(cell.item() - ss) <= 1e-5 * ss
+    ss = h.double().pow(2).sum().item()
+    assert abs(cell_value(cell) - ss) <= (1e-6 if exact else 1e-5) * ss
+
+
+@pytest.mark.parametrize("kind", ["float16", "int4"])
+def test_an_exact_output_norm_repeats_bit_for_bit(kind):
+    """Many programs adding to one cell: the int64 sums (and the next product's input) repeat exactly. (On a GPU
+    the programs finish in a different order each time; the interpreter runs them in order.)"""
+    x, _ = _row(256, seed=20)
+    residual, gamma = _row(2048, seed=21, scale=30.0)
+    layer, consumer = _layer(kind, 2048, 256, seed=22), _layer(kind, 64, 2048, seed=23)
+    runs = []
+    for _ in range(1 if DEVICE.type == "cpu" else 20):
+        cell, scaled = _cell(True), torch.empty_like(residual)
+        _product(layer, x, RowFusion(out_weight=gamma, out_scaled=scaled, out_sumsq=cell), residual)
+        nxt = _product(consumer, scaled, RowFusion(row=NormedRow(residual, scaled, cell, EPS)))  # the next norm
+        runs.append((cell.cpu(), nxt.cpu()))
+    for cell, nxt in runs[1:]:
+        assert torch.equal(cell, runs[0][0]) and torch.equal(nxt, runs[0][1])
+    h = _product(layer, x, RowFusion(), residual)
+    ss = h.double().pow(2).sum().item()
+    assert abs(cell_value(runs[0][0]) - ss) <= 1e-6 * ss
 
 
 @pytest.mark.parametrize("kind", ["float16", "int8", "int4"])

@@ -26,7 +26,7 @@ from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
 from .cpu_linear import BlockedCopy, HalfPacked, linear_rows
-from .row_fusion import NormedRow, RopeWrite, RowFusion
+from .row_fusion import NormedRow, RopeWrite, RowFusion, norm_cells
 
 __all__ = ["ChatGLMForCausalLM", "rotary_tables", "apply_rotary"]
 
@@ -92,7 +92,7 @@ def row_linear(
 def row_into_norm(
     layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm | None, cell: torch.Tensor | None
 ) -> NormedRow | torch.Tensor:
-    """``residual + layer(x)`` for one row; with ``norm``, as a NormedRow for it (``cell``: a zeroed float32 [1])."""
+    """``residual + layer(x)`` for one row; with ``norm``, as a NormedRow for it (``cell``: a zeroed norm_cells row)."""
     if norm is None or cell is None:
         return row_linear(layer, x, RowFusion(), residual)
     scaled = torch.empty_like(residual)
@@ -335,13 +335,13 @@ class GLMBlock(nn.Module):
         row: NormedRow,
         step: StepInputs,
         cache: KVCache,
-        cells: torch.Tensor,  # float32 [2], zeroed: sum(h**2) of the two norms that follow
+        cells: torch.Tensor,  # [2, 2] of norm_cells, zeroed: sum(h**2) of the two norms that follow
         after: RMSNorm | None,  # the next layer's input norm, or None (the result is then the plain h)
     ) -> NormedRow | torch.Tensor:
         """:meth:`forward` of one decode row (CUDA) with the norms and SwiGLU inside the products."""
-        h = self.self_attention.forward_row(row, step, cache, self.post_attention_layernorm, cells[0:1])
+        h = self.self_attention.forward_row(row, step, cache, self.post_attention_layernorm, cells[0])
         assert isinstance(h, NormedRow)
-        return self.mlp.forward_row(h, after, cells[1:2])
+        return self.mlp.forward_row(h, after, cells[1])
 
     def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
         """Whether :meth:`forward_row` serves the one-row ``x`` (CUDA kernels for every product and the attention)."""
@@ -511,9 +511,9 @@ class ChatGLMForCausalLM(nn.Module):
 
         step = self._step_inputs(positions.to(x.device), length, first_row, "rows", masked)
         blocks = [self.blocks()[i] for i in layers]
-        cells = torch.zeros(2 * len(blocks) + 1, dtype=torch.float32, device=x.device)  # one sum(h**2) a norm
+        cells = norm_cells(2 * len(blocks) + 1, x.dtype, x.device)  # one sum(h**2) a norm
         first = blocks[0].input_layernorm
-        out: NormedRow | torch.Tensor = norm_prep(x, first.weight, first.eps, cells[0:1])
+        out: NormedRow | torch.Tensor = norm_prep(x, first.weight, first.eps, cells[0])
         for j, block in enumerate(blocks):
             after = blocks[j + 1].input_layernorm if j + 1 < len(blocks) else None
             assert isinstance(out, NormedRow)

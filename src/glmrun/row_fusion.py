@@ -7,9 +7,9 @@ between its weight products: ~0.17 ms of kernels and ~0.08 ms of gaps in a ~2.46
 * An RMSNorm before a product is linear but for one number: ``W (g * h * r) = r * W (g * h)`` with
   ``r = 1 / sqrt(mean(h**2) + eps)``. The product that makes ``h`` (one that adds the residual) also
   writes ``g * h`` (times 2**-8, so float16 cannot overflow) and adds its outputs' share of ``sum(h**2)``
-  to a float32 cell; the next product reads that as its input and multiplies its sums by ``r * 2**8``
-  before the bias. (Re-reading x and the norm weight in every program of the consuming kernel instead
-  cost more than the norm kernel saved: `benchmarks/results/README.md`.)
+  to a cell (:func:`norm_cells`: exact integers for float16); the next product reads that as its input and
+  multiplies its sums by ``r * 2**8`` before the bias. (Re-reading x and the norm weight in every program of the
+  consuming kernel instead cost more than the norm kernel saved: `benchmarks/results/README.md`.)
 * SwiGLU: a program of the up-projection computes gate row ``n`` and up row ``n + F`` side by side and
   stores ``silu(gate) * up``, rounded as the separate kernel rounds.
 
@@ -24,9 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["NormedRow", "RopeWrite", "RowFusion", "fusion_args"]
+__all__ = ["NormedRow", "RopeWrite", "RowFusion", "check_cell", "cell_value", "fusion_args", "norm_cells"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class NormedRow:
 
     h: Tensor  # [..., hidden]: the residual stream
     scaled: Tensor  # weight * h * row_kernels.ROW_SCALE (2**-8), same shape and dtype (rounded to it)
-    sumsq: Tensor  # float32 [1]: sum(h**2) in float32
+    sumsq: Tensor  # sum(h**2): a cell of norm_cells (or float32 [1])
     eps: float
 
 
@@ -62,9 +63,9 @@ class RowFusion:
     ``row``: x is ``row.scaled``; the sums are multiplied by ``1 / sqrt(row.sumsq / K + row.eps) / ROW_SCALE``
     before the bias (the norm of ``row.h``). ``glu``: the weight's rows are gate rows then up rows; the output is
     ``silu(gate) * up`` (half as wide). ``out_weight``: the output (with the residual) is the next norm's
-    input: ``out_weight * y * ROW_SCALE`` goes to ``out_scaled`` and ``sum(y**2)`` is added to ``out_sumsq`` (zeroed by
-    the caller). ``rope``: the QKV product's outputs are rotated and stored in the cache (see RopeWrite); its
-    plain output is not written.
+    input: ``out_weight * y * ROW_SCALE`` goes to ``out_scaled`` and ``sum(y**2)`` is added to ``out_sumsq`` (a cell
+    of norm_cells, zeroed by the caller). ``rope``: the QKV product's outputs are rotated and stored in the cache
+    (see RopeWrite); its plain output is not written.
     """
 
     row: NormedRow | None = None
@@ -73,6 +74,38 @@ class RowFusion:
     out_scaled: Tensor | None = None
     out_sumsq: Tensor | None = None
     rope: RopeWrite | None = None
+
+
+def norm_cells(count: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """Zeroed cells ``[count, 2]`` for the sums of squares of ``count`` norms of one ``dtype`` row each.
+
+    float16 rows get exact cells (int64): each program of a product adds its share as a fixed-point pair (units of
+    2**-16 and 2**-56, see row_kernels), and integer sums come out the same whatever order the programs finish in,
+    so a decode step repeats bit for bit. (With float32 atomics the order of the additions followed the timing:
+    greedy decoding on random weights gave different tokens from run to run.) A bfloat16 row's squares can pass
+    the fixed point's range, so its cells are float32 (element 0 used, the sums as fast, not repeatable).
+    """
+    exact = dtype == torch.float16
+    return torch.zeros((count, 2), dtype=torch.int64 if exact else torch.float32, device=device)
+
+
+def check_cell(cell: Tensor, dtype: torch.dtype) -> None:
+    """Refuse a cell that cannot hold the sum of squares of a ``dtype`` row (see norm_cells)."""
+    if cell.dtype == torch.int64:
+        if dtype != torch.float16:
+            raise ValueError(f"an exact (int64) cell holds the sums of float16 rows only, not {dtype}")
+        if cell.numel() < 2 or not cell.is_contiguous():
+            raise ValueError(f"an exact (int64) cell is 2 contiguous numbers, got shape {tuple(cell.shape)}")
+    elif cell.dtype != torch.float32 or cell.numel() < 1:
+        raise ValueError(f"a sum-of-squares cell is int64 [2] or float32 [1], got {cell.dtype} {tuple(cell.shape)}")
+
+
+def cell_value(cell: Tensor) -> float:
+    """The sum of squares a cell holds (as the kernels read it, before their float32 rounding)."""
+    if cell.dtype == torch.int64:
+        hi, lo = (int(v) for v in cell.reshape(-1)[:2].tolist())
+        return hi * 2.0**-16 + lo * 2.0**-56
+    return float(cell.reshape(-1)[0].item())
 
 
 def fusion_args(fusion: RowFusion | None, like: Tensor, block_n: int) -> dict[str, Any]:
@@ -84,6 +117,10 @@ def fusion_args(fusion: RowFusion | None, like: Tensor, block_n: int) -> dict[st
     if f.out_weight is not None and (f.out_scaled is None or f.out_sumsq is None):
         raise ValueError("an output norm needs out_scaled and out_sumsq")
     row, rope = f.row, f.rope
+    if row is not None:
+        check_cell(row.sumsq, row.h.dtype)
+    if f.out_sumsq is not None and f.out_scaled is not None:
+        check_cell(f.out_sumsq, f.out_scaled.dtype)
     if rope is not None and (rope.k_row.stride(-1) != 1 or rope.v_row.stride() != rope.k_row.stride()):
         raise ValueError("the cache rows must hold each head's dims contiguously, keys and values alike")
     head_dim = rope.k_row.shape[-1] if rope is not None else 1

@@ -12,10 +12,18 @@ import torch
 from torch import Tensor
 
 from .kernels import launch_device
-from .row_fusion import NormedRow
+from .row_fusion import NormedRow, check_cell
 from .triton_import import tl, triton
 
 __all__ = ["ROW_SCALE", "norm_prep"]
+
+# The fixed point of an exact cell (row_fusion.norm_cells): a program's sum of squares p >= 0 splits into
+# hi = floor(p * 2**16) and lo = the rest in units of 2**-56 (< 2**40), each added with an int64 atomic. Integer
+# sums do not depend on the order the programs arrive in, so the cell (and every bit after it) repeats. Bounds
+# for float16 rows: a program of 8 outputs adds hi <= 8 * 65504**2 * 2**16 < 2**52, and a row of N <= 16384
+# outputs at most 2**62 in all; lo stays below 2**62 for up to 2**22 programs.
+_HI_BITS: Any = tl.constexpr(16) if tl is not None else 16
+_SPLIT_BITS: Any = tl.constexpr(40) if tl is not None else 40
 
 ROW_SCALE = 2.0**-8
 """A NormedRow holds ``weight * h * ROW_SCALE``: the residual stream times the norm weight could pass float16's
@@ -31,6 +39,7 @@ def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow
     k = h.shape[-1]
     if h.numel() != k:
         raise ValueError(f"norm_prep takes one row, got {tuple(h.shape)}")
+    check_cell(sumsq, h.dtype)
     h1 = h.reshape(k).contiguous()
     scaled = torch.empty_like(h1)
     with launch_device(h1):
@@ -92,7 +101,7 @@ if triton is not None:
         """Input norm, bias, SwiGLU, residual and output norm of a one-row product; stores y (row 0 of y_ptr), or
         with ROPE the rotated q and the new k, v in the cache (BLOCK_N even: a program holds whole pairs)."""
         if IN_NORM:
-            acc = acc * (tl.rsqrt(tl.load(sin_ptr) / K + eps) / _SCALE)
+            acc = acc * (tl.rsqrt(load_sumsq(sin_ptr) / K + eps) / _SCALE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -133,7 +142,35 @@ if triton is not None:
             o32 = tl.where(mask, out.to(tl.float32), 0.0)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(hg_ptr + offs, (o32 * g * _SCALE).to(hg_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_add(sout_ptr, tl.sum(o32 * o32, 0))
+            add_sumsq(sout_ptr, tl.sum(o32 * o32, 0))
+
+    @triton.jit
+    def _fixed_point(part):
+        """``part`` (float32 >= 0) as the (hi, lo) int64 pair of an exact cell."""
+        u = part.to(tl.float64) * (2.0 ** (_HI_BITS + _SPLIT_BITS))  # exact: a power of two
+        hi = (u * 2.0**-_SPLIT_BITS).to(tl.int64)  # truncation = floor (u >= 0)
+        lo = (u - hi.to(tl.float64) * 2.0**_SPLIT_BITS).to(tl.int64)  # exact: below 2**40, whole
+        return hi, lo
+
+    @triton.jit
+    def add_sumsq(cell_ptr, part):
+        """Add one program's ``part`` (float32 >= 0) of a row's sum of squares to its cell (see norm_cells)."""
+        if cell_ptr.dtype.element_ty == tl.int64:
+            hi, lo = _fixed_point(part)
+            tl.atomic_add(cell_ptr, hi)
+            tl.atomic_add(cell_ptr + 1, lo)
+        else:
+            tl.atomic_add(cell_ptr, part)
+
+    @triton.jit
+    def load_sumsq(cell_ptr):
+        """A row's sum of squares from its cell, float32."""
+        if cell_ptr.dtype.element_ty == tl.int64:
+            hi = tl.load(cell_ptr).to(tl.float64) * 2.0**-_HI_BITS
+            lo = tl.load(cell_ptr + 1).to(tl.float64) * 2.0 ** -(_HI_BITS + _SPLIT_BITS)
+            return (hi + lo).to(tl.float32)
+        else:
+            return tl.load(cell_ptr)
 
     @triton.jit
     def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, K, BLOCK: tl.constexpr):
@@ -145,4 +182,10 @@ if triton is not None:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(hg_ptr + offs, (h * g * _SCALE).to(hg_ptr.dtype.element_ty), mask=mask)
             total += h * h
-        tl.store(ss_ptr, tl.sum(total, 0))
+        part = tl.sum(total, 0)
+        if ss_ptr.dtype.element_ty == tl.int64:  # one program: stores, so the cell need not be zeroed
+            hi, lo = _fixed_point(part)
+            tl.store(ss_ptr, hi)
+            tl.store(ss_ptr + 1, lo)
+        else:
+            tl.store(ss_ptr, part)

@@ -19,9 +19,8 @@ def rows() -> list[str]:
         "transformers (same run) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(RESULTS.glob("**/*.json")):
-        if "earlier" in path.parts:  # superseded runs of older code stay on disk, out of the table
-            continue
+    for path in sorted(RESULTS.glob("*/*.json")):  # a card's own runs; its subfolders hold experiments and
+        # superseded runs of older code (earlier/), which stay on disk, out of the table
         data = json.loads(path.read_text())
         if "glmrun" not in data or "environment" not in data:
             continue

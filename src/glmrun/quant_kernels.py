@@ -103,7 +103,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     block_m: int = 16  # mm only: rows of x per program (at least 16 for tl.dot)
-    num_stages: int = 2
+    num_stages: int = 2  # software pipelining of the K loop; gemv: 1 = none (2-4 measured slower on an H100)
 
 
 def _block_k_fits(block_k: int, group_size: int, k: int, kind: str, bits: int) -> bool:
@@ -390,7 +390,8 @@ if triton is not None:
         # HALF2 (INT4, float16 x on a GPU): the inline PTX above. Otherwise codes become floats without
         # int->float conversions: a code c of B bits placed in the top mantissa bits of 1.0 reads as
         # f = 1 + c / 2**B, and f * x is exact in float32 for a 16-bit x, so sum(c * x) = 2**B *
-        # (sum(f * x) - sum(x)) per group (INT8 codes are biased by +128 first).
+        # (sum(f * x) - sum(x)) per group (INT8 codes are biased by +128 first). STAGES > 1 software-pipelines
+        # the K loop (the weight loads become asynchronous copies through shared memory).
         PER_WORD: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER_WORD
         PER_GROUP: tl.constexpr = WORDS // GROUPS_PER_BLOCK  # words of one group inside the block

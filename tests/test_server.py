@@ -422,9 +422,15 @@ def test_wrong_api_key_is_401(model: GLMModel) -> None:
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # probes need no key
 
 
+# A request that cannot end early: greedy, SmolLM2's reply to this runs to the 400-token cap (~4 s on two cores), where
+# a sampled "Tell me a long story." sometimes stopped within the 1.5 s a test below waits (a flaky CI run).
+LONG = {"messages": [{"role": "user", "content": "Write a very long story about a dragon, at least 1000 words."}]}
+LONG = {**LONG, "max_tokens": 400, "temperature": 0, "stream": True}
+
+
 def test_full_queue_is_429_and_disconnected_clients_leave_it(model: GLMModel) -> None:
     settings = ServerSettings(ui=False, max_batch=1, max_queue=1, max_context=512)
-    long = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": True}
+    long = dict(LONG)
     with live(create_app(model, settings)) as url, httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{url}/v1/chat/completions", json=long) as running:
             events = sse_events(running.iter_lines())
@@ -445,7 +451,7 @@ def test_full_queue_is_429_and_disconnected_clients_leave_it(model: GLMModel) ->
 def test_client_disconnecting_mid_stream_cancels_its_request(base: str) -> None:
     wait_idle(base)
     before = scheduler_finished(base, "cancelled")
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": True}
+    body = dict(LONG)
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
             events = sse_events(r.iter_lines())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -257,6 +258,44 @@ def test_async_iteration_and_task_cancellation(tiny: Engine) -> None:
         while sched.stats().running and time.monotonic() < deadline:
             time.sleep(0.01)
         assert sched.stats().running == 0 and sched.stats().finished["cancelled"] == 1
+
+
+def test_stats_never_lose_a_request_between_queue_rows_and_counts(tiny: Engine) -> None:
+    """Every submitted request is waiting, running or counted finished in each stats() (a reader that waited for
+    running == 0 and then read the counts once saw a cancelled request in none of them, and failed)."""
+    ids = prompts(tiny, 10)
+    ids[3] = ids[3] * 40  # longer than a prefill chunk: it is prefilled alone, chunk by chunk
+    news = [1, 4, 9, 2, 6, 1, 12, 3, 7, 5]
+    lost: list[object] = []
+    stop = threading.Event()
+
+    def poll(sched: Scheduler) -> None:
+        while not stop.is_set():
+            st = sched.stats()
+            if st.waiting + st.running + sum(st.finished.values()) < st.submitted:
+                lost.append(st)
+
+    interval, chunk = sys.getswitchinterval(), tiny.prefill_chunk
+    sys.setswitchinterval(1e-5)  # interleave the poller with the worker's bookkeeping often
+    tiny.prefill_chunk = 64
+    try:
+        with Scheduler(tiny, max_batch=3) as sched:
+            with held(sched):
+                handles = [sched.submit(p, GREEDY.replace(max_new_tokens=n)) for p, n in zip(ids, news, strict=True)]
+            poller = threading.Thread(target=poll, args=(sched,))
+            poller.start()
+            for i, handle in enumerate(handles):
+                for _ in handle:
+                    if i % 3 == 1:
+                        handle.cancel()  # mid-stream, as a client that goes away
+            stop.set()
+            poller.join()
+            st = sched.stats()
+    finally:
+        sys.setswitchinterval(interval)
+        tiny.prefill_chunk = chunk
+    assert not lost, lost[:3]
+    assert st.running == 0 and sum(st.finished.values()) == len(ids)
 
 
 class _FailingModel:

@@ -278,6 +278,7 @@ class Scheduler:
         self._closing = False
         self._decoding: list[_Request] = []  # worker-owned; index == cache row
         self._prefilling: _Request | None = None  # worker-owned; row == len(_decoding)
+        self._admitting: list[_Request] = []  # taken from the queue, not yet decoding: counted as running
         self._ids = itertools.count(1)
         self._submitted = 0
         # Every key exists from the start, so stats() can copy them while the worker counts.
@@ -319,7 +320,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         with self._lock:
             waiting = len(self._waiting)
-        running = len(self._decoding) + (self._prefilling is not None)
+        running = len(self._decoding) + (self._prefilling is not None) + len(self._admitting)
         return SchedulerStats(
             waiting=waiting,
             running=running,
@@ -419,15 +420,18 @@ class Scheduler:
         self._cache.free()
 
     def _drop_cancelled(self) -> None:
+        # Each request is counted finished before it leaves the queue or its row, so stats() never shows it in
+        # neither (a caller that waits for running == 0 then reads the counts sees it).
         with self._lock:
             gone = [r for r in self._waiting if r.handle.cancelled]
-            for req in gone:
-                self._waiting.remove(req)
         for req in gone:
             self._finish(req, "cancelled")
+        with self._lock:
+            for req in gone:
+                self._waiting.remove(req)
         if self._prefilling is not None and self._prefilling.handle.cancelled:
-            req, self._prefilling = self._prefilling, None
-            self._finish(req, "cancelled")
+            self._finish(self._prefilling, "cancelled")
+            self._prefilling = None
         self._release([i for i, r in enumerate(self._decoding) if r.handle.cancelled], "cancelled")
 
     def _admit(self) -> None:
@@ -447,8 +451,10 @@ class Scheduler:
                 if len(group) > 1 or len(group[0].ids) <= chunk:
                     budget -= len(group) * max(len(r.ids) for r in group)
                     self._prefill_group(group)
+                    self._admitting = []
                     continue
                 self._prefilling = group[0]
+                self._admitting = []
             req = self._prefilling
             lo = req.length
             hi = min(lo + chunk, len(req.ids))  # the same chunks as Engine.prefill, so the same numbers
@@ -460,15 +466,15 @@ class Scheduler:
                         tokens, positions, self._cache, length=hi, first_row=req.row, logits="last"
                     )  # [1, V]
             except Exception as exc:  # the request fails; the worker and the other requests go on
-                self._prefilling = None
+                self._prefilling = None  # first: _fail moves a prefilling row it finds
                 self._fail([req], exc)
                 continue
             req.length = hi
             self._prefill_tokens += hi - lo
             budget -= hi - lo
             if hi == len(req.ids):
+                self._start(req, logits)  # decoding or finished before it stops being the prefilling one
                 self._prefilling = None
-                self._start(req, logits)
 
     def _take_group(self, budget: int) -> list[_Request]:
         """Waiting requests for the free rows, in order: those whose padded batch fits ``budget`` tokens
@@ -481,6 +487,7 @@ class Scheduler:
                 if group and (len(group) + 1) * longest > budget:
                     break
                 group.append(self._waiting.popleft())
+            self._admitting = group  # stats() counts them running while they leave the queue
         for i, req in enumerate(group):
             req.row, req.length = len(self._decoding) + i, 0
         return group
@@ -508,6 +515,7 @@ class Scheduler:
                 self._cache.move_row(req.row, len(self._decoding), req.length)
                 req.row = len(self._decoding)
             self._start(req, logits[i : i + 1])
+            self._admitting = group[i + 1 :]  # after: decoding or counted finished, never in neither
 
     def _start(self, req: _Request, logits: torch.Tensor) -> None:
         """The prompt is in the cache: set up the request's sampling state and take its first token."""
@@ -592,6 +600,7 @@ class Scheduler:
         """Finish the requests in these rows and compact: the last rows move into the freed ones."""
         for row in sorted(rows, reverse=True):
             req = self._decoding[row]
+            self._finish(req, reason)  # counted before it leaves the running rows (see _drop_cancelled)
             last = len(self._decoding) - 1
             if row != last:
                 moved = self._decoding[last]
@@ -599,7 +608,6 @@ class Scheduler:
                 moved.row = row
                 self._decoding[row] = moved
             self._decoding.pop()
-            self._finish(req, reason)
         pre = self._prefilling
         if pre is not None and pre.row != len(self._decoding):  # keep the prefilling row right after them
             self._cache.move_row(pre.row, len(self._decoding), pre.length)

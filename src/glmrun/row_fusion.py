@@ -27,7 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["NormedRow", "RopeWrite", "RowFusion", "check_cell", "cell_value", "fusion_args", "norm_cells"]
+__all__ = [
+    "CELL_HI_BITS",
+    "CELL_SPLIT_BITS",
+    "NormedRow",
+    "RopeWrite",
+    "RowFusion",
+    "check_cell",
+    "cell_value",
+    "fusion_args",
+    "norm_cells",
+]
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,12 @@ class RowFusion:
     rope: RopeWrite | None = None
 
 
+CELL_HI_BITS = 16
+"""An exact cell's first int64 counts units of 2**-CELL_HI_BITS of the sum of squares (row_kernels has the bounds)."""
+CELL_SPLIT_BITS = 40
+"""Its second counts units CELL_SPLIT_BITS bits finer (2**-56): each program's share below the first's unit."""
+
+
 def norm_cells(count: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """Zeroed cells ``[count, 2]`` for the sums of squares of ``count`` norms of one ``dtype`` row each.
 
@@ -104,7 +120,7 @@ def cell_value(cell: Tensor) -> float:
     """The sum of squares a cell holds (as the kernels read it, before their float32 rounding)."""
     if cell.dtype == torch.int64:
         hi, lo = (int(v) for v in cell.reshape(-1)[:2].tolist())
-        return hi * 2.0**-16 + lo * 2.0**-56
+        return hi * 2.0**-CELL_HI_BITS + lo * 2.0 ** -(CELL_HI_BITS + CELL_SPLIT_BITS)
     return float(cell.reshape(-1)[0].item())
 
 

@@ -12,18 +12,18 @@ import torch
 from torch import Tensor
 
 from .kernels import launch_device
-from .row_fusion import NormedRow, check_cell
+from .row_fusion import CELL_HI_BITS, CELL_SPLIT_BITS, NormedRow, check_cell
 from .triton_import import tl, triton
 
 __all__ = ["ROW_SCALE", "norm_prep"]
 
-# The fixed point of an exact cell (row_fusion.norm_cells): a program's sum of squares p >= 0 splits into
-# hi = floor(p * 2**16) and lo = the rest in units of 2**-56 (< 2**40), each added with an int64 atomic. Integer
-# sums do not depend on the order the programs arrive in, so the cell (and every bit after it) repeats. Bounds
-# for float16 rows: a program of 8 outputs adds hi <= 8 * 65504**2 * 2**16 < 2**52, and a row of N <= 16384
-# outputs at most 2**62 in all; lo stays below 2**62 for up to 2**22 programs.
-_HI_BITS: Any = tl.constexpr(16) if tl is not None else 16
-_SPLIT_BITS: Any = tl.constexpr(40) if tl is not None else 40
+# The fixed point of an exact cell (row_fusion.norm_cells, CELL_HI_BITS = 16, CELL_SPLIT_BITS = 40): a program's
+# sum of squares p >= 0 splits into hi = floor(p * 2**16) and lo = the rest in units of 2**-56 (< 2**40), each
+# added with an int64 atomic. Integer sums do not depend on the order the programs arrive in, so the cell (and
+# every bit after it) repeats. Bounds for float16 rows: a program of 8 outputs adds hi <= 8 * 65504**2 * 2**16
+# < 2**52, and a row of N <= 16384 outputs at most 2**62 in all; lo stays below 2**62 for up to 2**22 programs.
+_HI_BITS: Any = tl.constexpr(CELL_HI_BITS) if tl is not None else CELL_HI_BITS
+_SPLIT_BITS: Any = tl.constexpr(CELL_SPLIT_BITS) if tl is not None else CELL_SPLIT_BITS
 
 ROW_SCALE = 2.0**-8
 """A NormedRow holds ``weight * h * ROW_SCALE``: the residual stream times the norm weight could pass float16's

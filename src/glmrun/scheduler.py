@@ -451,7 +451,6 @@ class Scheduler:
                 if len(group) > 1 or len(group[0].ids) <= chunk:
                     budget -= len(group) * max(len(r.ids) for r in group)
                     self._prefill_group(group)
-                    self._admitting = []
                     continue
                 self._prefilling = group[0]
                 self._admitting = []
@@ -507,6 +506,7 @@ class Scheduler:
                 logits = model.project(last)  # [k, V]
         except Exception as exc:
             self._fail(group, exc)
+            self._admitting = []
             return
         for i, req in enumerate(group):
             req.length = len(req.ids)

@@ -7,8 +7,9 @@ only the blocks of its resident programs in flight. With ``num_stages`` s > 1 th
 (``LDGSTS`` in the sm_90 build), s - 1 blocks ahead of the arithmetic. This script times every setting of
 ``--block-n`` x ``--block-k`` x ``--stages`` for each shape and bit width, through ``triton_quant_matmul`` with
 the fusion the model uses on that shape (QKV: input norm; dense and down: residual and output norm; the
-up projection: input norm and SwiGLU), and checks each against the current settings' output and the
-current settings' unfused output against a float32 product with the dequantized weight.
+up projection: input norm and SwiGLU; the norms' cells exact, as ``norm_cells`` makes them for float16 since
+4453719: the ninth session's two sweeps ran before, with float32 cells), and checks each against the current
+settings' output and the current settings' unfused output against a float32 product with the dequantized weight.
 
 Timing as ``gemv_variants.py``: a CUDA graph of calls rotating over weight copies that exceed the L2 four
 times, replayed; median of ``--reps``.
@@ -32,7 +33,8 @@ from torch import Tensor
 
 from glmrun.quant import dequantize, quantize_int4, quantize_int8
 from glmrun.quant_kernels import KernelConfig, triton_config_for, triton_quant_matmul
-from glmrun.row_fusion import NormedRow, RowFusion
+from glmrun.row_fusion import RowFusion, norm_cells
+from glmrun.row_kernels import norm_prep
 
 SHAPES = {"qkv": (4096, 4608), "dense": (4096, 4096), "h_to_4h": (4096, 27392), "4h_to_h": (13696, 4096)}
 NUM_LAYERS = 28
@@ -41,19 +43,20 @@ GROUP = 128
 
 
 def _fusion(name: str, k: int, n: int, dev: torch.device) -> tuple[RowFusion, Tensor | None]:
-    """The RowFusion the model passes on this shape, and the residual it adds (None if none)."""
+    """The RowFusion the model passes on this shape (its cells as the model makes them), and the residual it adds
+    (None if none)."""
     h = torch.randn(k, device=dev, dtype=torch.float16)
     g = torch.rand(k, device=dev, dtype=torch.float16) + 0.5
-    row = NormedRow(h, (h * g * 2.0**-8).half(), (h.float() ** 2).sum().reshape(1), 1e-5)
+    cells = norm_cells(2, torch.float16, dev)
+    row = norm_prep(h, g, 1e-5, cells[0])
     if name == "qkv":
         return RowFusion(row=row), None
     if name == "h_to_4h":
         return RowFusion(row=row, glu=True), None
     out_w = torch.rand(n, device=dev, dtype=torch.float16) + 0.5
     scaled = torch.empty(n, device=dev, dtype=torch.float16)
-    cell = torch.zeros(1, device=dev, dtype=torch.float32)
     res = torch.randn(1, n, device=dev, dtype=torch.float16)
-    return RowFusion(out_weight=out_w, out_scaled=scaled, out_sumsq=cell), res
+    return RowFusion(out_weight=out_w, out_scaled=scaled, out_sumsq=cells[1]), res
 
 
 def main() -> int:

@@ -9,10 +9,9 @@ The Triton kernels compute ``y[m, n] = sum_k x[m, k] * (c[n, k] * s[n, g(k)] + z
 code from 0, i.e. ``q + 128`` for INT8; ``z = 0`` and ``c = q`` for symmetric INT8) one
 K-block at a time, with each block inside one group so a group's scale multiplies a whole partial
 dot product (``s * sum(x*q) + z * sum(x)``): the weight bytes are read once and never expanded in
-memory. ``gemv`` (one program per ``BLOCK_N`` outputs of one input row, reduction in registers; or K split
-over ``SPLIT_K`` programs, the last of which adds the parts and runs the fused epilogue) serves one row
-(batch-1 decode); ``mm`` (tensor-core ``tl.dot`` on ``BLOCK_M`` rows) 2 to 64 rows. More rows (prefill)
-dequantize chunk by chunk and call cuBLAS, which is compute-bound there anyway.
+memory. ``gemv`` (one program per ``BLOCK_N`` outputs of one input row, reduction in registers) serves
+one row (batch-1 decode); ``mm`` (tensor-core ``tl.dot`` on ``BLOCK_M`` rows) 2 to 64 rows. More rows
+(prefill) dequantize chunk by chunk and call cuBLAS, which is compute-bound there anyway.
 """
 
 from __future__ import annotations

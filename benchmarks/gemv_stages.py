@@ -11,10 +11,6 @@ up projection: input norm and SwiGLU; the norms' cells exact, as ``norm_cells`` 
 4453719: the ninth session's two sweeps ran before, with float32 cells), and checks each against the current
 settings' output and the current settings' unfused output against a float32 product with the dequantized weight.
 
-``--split`` also times K split over that many programs an output block (the last of them adds the parts and runs
-the fused epilogue, with the tickets the model hands its products; "current" is what ``triton_config_for`` picks
-with ``split_ok``).
-
 Timing as ``gemv_variants.py``: a CUDA graph of calls rotating over weight copies that exceed the L2 four
 times, replayed; median of ``--reps``.
 
@@ -29,7 +25,6 @@ import json
 import math
 import platform
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,7 +33,7 @@ from torch import Tensor
 
 from glmrun.quant import dequantize, quantize_int4, quantize_int8
 from glmrun.quant_kernels import KernelConfig, triton_config_for, triton_quant_matmul
-from glmrun.row_fusion import RowFusion, norm_cells, split_tickets
+from glmrun.row_fusion import RowFusion, norm_cells
 from glmrun.row_kernels import norm_prep
 
 SHAPES = {"qkv": (4096, 4608), "dense": (4096, 4096), "h_to_4h": (4096, 27392), "4h_to_h": (13696, 4096)}
@@ -73,7 +68,6 @@ def main() -> int:
     ap.add_argument("--stages", default="1,2,3,4")
     ap.add_argument("--skip", default="", help="settings bn:bk:stages to leave out, comma-separated")
     ap.add_argument("--warps", default="4")
-    ap.add_argument("--split", default="1", help="programs an output block shares K over (the model's tickets)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
@@ -105,12 +99,11 @@ def _sweep_shape(args: argparse.Namespace, bits: int, name: str) -> tuple[list[d
     del w
     x = torch.randn(1, k, device=dev, dtype=torch.float16)
     ref = x.float() @ dequantize(qw).float().T
-    base = triton_config_for(1, n, k, GROUP, bits, split_ok=True)
+    base = triton_config_for(1, n, k, GROUP, bits)
     assert base is not None and base.kind == "gemv"
-    plain = triton_quant_matmul(x, qw.q, qw.scale, qw.zero, bits, GROUP, replace(base, split_k=1)).float()
+    plain = triton_quant_matmul(x, qw.q, qw.scale, qw.zero, bits, GROUP, base).float()
     plain_err = ((plain - ref).norm() / ref.norm()).item()
     fusion, res = _fusion(name, k, n, dev)
-    fusion = replace(fusion, tickets=split_tickets(n, dev))
     xin = fusion.row.scaled.view(1, k) if fusion.row is not None else x
     nbytes = qw.q.numel() * qw.q.element_size() + 2 * qw.scale.numel() * 2
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size if dev.type == "cuda" else nbytes
@@ -124,15 +117,13 @@ def _sweep_shape(args: argparse.Namespace, bits: int, name: str) -> tuple[list[d
 
     want = run_all(base)[0].float()
     rows: list[dict[str, Any]] = []
-    grid = itertools.product(
-        _ints(args.block_n), _ints(args.block_k), _ints(args.stages), _ints(args.warps), _ints(args.split)
-    )
-    for bn, bk, st, nw, sp in grid:
+    grid = itertools.product(_ints(args.block_n), _ints(args.block_k), _ints(args.stages), _ints(args.warps))
+    for bn, bk, st, nw in grid:
         if f"{bn}:{bk}:{st}" in args.skip.split(","):
             continue
-        cfg = KernelConfig("gemv", block_n=bn, block_k=bk, split_k=sp, num_warps=nw, num_stages=st)
+        cfg = KernelConfig("gemv", block_n=bn, block_k=bk, split_k=1, num_warps=nw, num_stages=st)
         entry: dict[str, Any] = {"bits": bits, "shape": name, "k": k, "n": n, "bn": bn, "bk": bk, "stages": st}
-        entry["warps"], entry["split"] = nw, sp
+        entry["warps"] = nw
         try:
             got = run_all(cfg)[0].float()
             entry["rel_err_vs_current"] = ((got - want).norm() / want.norm()).item()
@@ -144,8 +135,8 @@ def _sweep_shape(args: argparse.Namespace, bits: int, name: str) -> tuple[list[d
         print(json.dumps(entry), flush=True)
     ok = [r for r in rows if "us" in r and r["rel_err_vs_current"] < 1e-2]
     best = min(ok, key=lambda r: r["us"])
-    mine = (base.block_n, base.block_k, base.num_stages, base.num_warps, base.split_k)
-    cur = next((r for r in ok if (r["bn"], r["bk"], r["stages"], r["warps"], r["split"]) == mine), None)
+    mine = (base.block_n, base.block_k, base.num_stages, base.num_warps)
+    cur = next((r for r in ok if (r["bn"], r["bk"], r["stages"], r["warps"]) == mine), None)
     summary = {"bits": bits, "shape": name, "bytes": nbytes, "plain_rel_err_vs_float32": plain_err}
     return rows, {**summary, "current": cur, "best": best}
 

@@ -14,8 +14,7 @@ from glmrun import kernels, layer_kernels
 from glmrun.cache import KVCache
 from glmrun.config import QuantSpec
 from glmrun.quant import QuantLinear
-from glmrun.quant_kernels import KernelConfig
-from glmrun.row_fusion import NormedRow, RowFusion, cell_value, check_cell, fusion_args, norm_cells, split_tickets
+from glmrun.row_fusion import NormedRow, RowFusion, cell_value, check_cell, fusion_args, norm_cells
 from glmrun.row_kernels import ROW_SCALE, norm_prep
 
 from .test_layer_kernels import _config
@@ -225,108 +224,12 @@ def test_a_fused_product_needs_one_row():
         triton_quant_matmul(x, layer.weight_q, layer.weight_scale, layer.weight_zero, 8, 32, config, fusion=RowFusion())
 
 
-def _split_config(split: int) -> KernelConfig:
-    """The one-row launch with 32-column K-blocks (several, even on these small K) and K split ``split`` ways."""
-    return KernelConfig("gemv", block_n=8, block_k=32, split_k=split, num_stages=1)
-
-
-def _quant_product(layer: QuantLinear, x: torch.Tensor, fusion: RowFusion, config: KernelConfig, residual=None):
-    from glmrun.quant_kernels import triton_quant_matmul
-
-    q, s, z, bits, group = layer.weight_q, layer.weight_scale, layer.weight_zero, layer.spec.bits, layer.spec.group_size
-    res = residual.reshape(1, -1) if residual is not None else None
-    return triton_quant_matmul(x.reshape(1, -1), q, s, z, bits, group, config, layer.bias, res, fusion)
-
-
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("split", [2, 3])
-def test_a_split_product_keeps_its_fusions_and_puts_its_tickets_back(kind, split):
-    """K split over programs (the last of an output block adds the parts and runs the epilogue): the same sums
-    as one program an output block, for the output norm with a residual, the input norm with SwiGLU and the
-    rotary cache write; the tickets are zero again after each product, so a second run gives the same bits."""
-    from glmrun.model import rotary_tables
-    from glmrun.row_fusion import RopeWrite
-
-    x, gamma_in = _row(160, seed=30, scale=1.0)  # 5 K-blocks of 32
-    residual, gamma = _row(40, seed=31)
-    tickets = split_tickets(64, DEVICE)
-    norm_layer, glu_layer = _layer(kind, 40, 160, seed=32, bias=True), _layer(kind, 2 * 24, 160, seed=33)
-
-    def out_norm(config: KernelConfig) -> tuple[torch.Tensor, ...]:
-        cell, scaled = _cell(True), torch.empty_like(residual)
-        fusion = RowFusion(out_weight=gamma, out_scaled=scaled, out_sumsq=cell, tickets=tickets)
-        return _quant_product(norm_layer, x, fusion, config, residual), scaled, cell
-
-    def in_norm_glu(config: KernelConfig) -> tuple[torch.Tensor, ...]:
-        row = norm_prep(x, gamma_in, EPS, _cell(True))
-        return (_quant_product(glu_layer, row.scaled, RowFusion(row=row, glu=True, tickets=tickets), config),)
-
-    H, K, D, position = 4, 2, 16, 9
-    cos, sin = rotary_tables(_config(H, K, D, rotary_dim=8), torch.tensor([[position]], device=DEVICE))
-    rope_layer = _layer(kind, (H + 2 * K) * D, 160, seed=34, bias=True)
-
-    def rope(config: KernelConfig) -> tuple[torch.Tensor, ...]:
-        q, cache = torch.empty(H * D, dtype=torch.float16, device=DEVICE), torch.zeros(2, K, 16, D).half().to(DEVICE)
-        pos = torch.tensor([position], device=DEVICE)
-        fusion = RowFusion(
-            rope=RopeWrite(q, cache[0], cache[1], cos.view(-1), sin.view(-1), pos, H, K), tickets=tickets
-        )
-        _quant_product(rope_layer, x, fusion, config)
-        return q, cache
-
-    for run in (out_norm, in_norm_glu, rope):
-        whole = run(_split_config(1))
-        first, again = run(_split_config(split)), run(_split_config(split))
-        assert not tickets.any(), run.__name__
-        for w, f, a in zip(whole, first, again, strict=True):
-            assert torch.equal(f, a), run.__name__  # the parts are added in a fixed order
-            if w.dtype == torch.int64:  # the norm's cell: sums of the same rounded outputs
-                assert abs(cell_value(f) - cell_value(w)) <= 1e-3 * cell_value(w)
-            else:
-                err = (f.float() - w.float()).abs().max().item()
-                assert err <= 2e-3 * w.float().abs().max().item(), (run.__name__, err)
-
-
-def test_a_split_product_needs_enough_tickets():
-    layer = _layer("int4", 40, 160, seed=35)
-    x, _ = _row(160, seed=36, scale=1.0)
-    config = _split_config(2)  # 5 output blocks of 8
-    with pytest.raises(ValueError, match="with tickets if K is split"):
-        _quant_product(layer, x, RowFusion(), config)
-    with pytest.raises(ValueError, match="5 output blocks needs as many tickets, got 4"):
-        _quant_product(layer, x, RowFusion(tickets=split_tickets(4, DEVICE)), config)
-    with pytest.raises(ValueError, match="contiguous int32"):
-        _quant_product(layer, x, RowFusion(tickets=torch.zeros(8, dtype=torch.int64, device=DEVICE)), config)
-    y = _quant_product(layer, x, RowFusion(tickets=split_tickets(5, DEVICE)), config).view(1, 1, 40)
-    want = _plain(layer, x)
-    assert (y.float() - want.float()).abs().max().item() <= 2e-3 * want.float().abs().max().item()
-
-
-def test_one_row_products_split_k_only_where_output_blocks_are_few():
-    from glmrun.quant_kernels import one_row_split, triton_config_for
-
-    # ChatGLM2-6B's one-row products (8 outputs a program, K-blocks of 2,048 or, INT4 up projection, 1,024)
-    assert one_row_split(4608, 8, 4096, 2048) == 2  # QKV: 576 blocks, 2 K-blocks
-    assert one_row_split(4096, 8, 13696, 2048) == 2  # down: 512 blocks, 7 K-blocks
-    assert one_row_split(27392, 8, 4096, 1024) == 1  # up: 3,424 blocks
-    assert one_row_split(4096, 8, 2048, 2048) == 1  # one K-block: nothing to split
-    assert one_row_split(256, 8, 16384, 2048) == 8  # 32 blocks: a program a K-block (8), not 32 programs a block
-    config = triton_config_for(1, 4096, 13696, 128, 4, split_ok=True)
-    assert config is not None and config.split_k == 2
-    assert triton_config_for(1, 4096, 13696, 128, 4).split_k == 1  # without tickets: never split
-
-
-@pytest.mark.parametrize(("bits", "split"), [(None, False), (8, False), (4, False), (8, True), (4, True)])
-def test_a_fused_decode_row_matches_the_plain_layers(bits, split, monkeypatch):
-    """_run_row (norms and SwiGLU in the products) against run_layers' plain path on the same weights; ``split``:
-    every quantized product takes 32-column K-blocks split 3 ways (the tickets _run_row hands them)."""
-    from glmrun import quant
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_a_fused_decode_row_matches_the_plain_layers(bits):
+    """_run_row (norms and SwiGLU in the products) against run_layers' plain path on the same weights."""
     from glmrun.bench import random_model
     from glmrun.checkpoint import PRESETS
     from glmrun.quant import quantize_model_
-
-    if split:
-        monkeypatch.setattr(quant, "triton_config_for", lambda *a, split_ok=False: _split_config(3 if split_ok else 1))
 
     config = PRESETS["tiny"].replace(num_layers=3, seq_length=256, padded_vocab_size=512)
     model = random_model(config, torch.device("cpu"), torch.float32, seed=5)

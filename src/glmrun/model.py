@@ -13,7 +13,7 @@ The model never samples, prints, picks devices or reads files; layers may sit on
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from types import ModuleType
 from typing import cast
@@ -26,7 +26,7 @@ from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
 from .cpu_linear import BlockedCopy, HalfPacked, linear_rows
-from .row_fusion import NormedRow, RopeWrite, RowFusion, norm_cells, split_tickets
+from .row_fusion import NormedRow, RopeWrite, RowFusion, norm_cells
 
 __all__ = ["ChatGLMForCausalLM", "rotary_tables", "apply_rotary"]
 
@@ -90,20 +90,13 @@ def row_linear(
 
 
 def row_into_norm(
-    layer: nn.Module,
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm: RMSNorm | None,
-    cell: torch.Tensor | None,
-    tickets: torch.Tensor | None = None,
+    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm | None, cell: torch.Tensor | None
 ) -> NormedRow | torch.Tensor:
-    """``residual + layer(x)`` for one row; with ``norm``, as a NormedRow for it (``cell``: a zeroed norm_cells row;
-    ``tickets``: RowFusion's)."""
+    """``residual + layer(x)`` for one row; with ``norm``, as a NormedRow for it (``cell``: a zeroed norm_cells row)."""
     if norm is None or cell is None:
-        return row_linear(layer, x, RowFusion(tickets=tickets), residual)
+        return row_linear(layer, x, RowFusion(), residual)
     scaled = torch.empty_like(residual)
-    fusion = RowFusion(out_weight=norm.weight, out_scaled=scaled, out_sumsq=cell, tickets=tickets)
-    h = row_linear(layer, x, fusion, residual)
+    h = row_linear(layer, x, RowFusion(out_weight=norm.weight, out_scaled=scaled, out_sumsq=cell), residual)
     return NormedRow(h, scaled, cell, norm.eps)
 
 
@@ -143,7 +136,6 @@ class StepInputs:
     masked: bool  # mask keys by position even for one row (CUDA graphs replay with a padded length)
     group: int  # query heads per KV head
     dtype: torch.dtype  # the compute dtype (the mask's)
-    tickets: torch.Tensor | None = None  # one-row CUDA steps: row_fusion.split_tickets for the products
 
     @cached_property
     def mask(self) -> torch.Tensor | None:
@@ -259,10 +251,9 @@ class SelfAttention(nn.Module):
         q = torch.empty(H * D, dtype=row.scaled.dtype, device=row.scaled.device)
         cos, sin = step.cos.view(-1), step.sin.view(-1)
         rope = RopeWrite(q, k_buf[r], v_buf[r], cos, sin, step.positions.view(1), H, self.kv_heads)
-        fusion = RowFusion(row=row, rope=rope, tickets=step.tickets)
-        row_linear(self.query_key_value, row.scaled, fusion)  # q rotated; k, v cached
+        row_linear(self.query_key_value, row.scaled, RowFusion(row=row, rope=rope))  # q rotated; k, v cached
         out = lk.decode_attention(q.view(1, H, D), k_buf, v_buf, step.positions.view(1), r, step.length)
-        return row_into_norm(self.dense, out.view(1, 1, H * D), row.h, post, cell, step.tickets)
+        return row_into_norm(self.dense, out.view(1, 1, H * D), row.h, post, cell)
 
     def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
         return (
@@ -316,13 +307,11 @@ class MLP(nn.Module):
             act = kernels.on_device(kernels.swiglu, h)(h)
         return linear(self.dense_4h_to_h, act, residual)
 
-    def forward_row(
-        self, row: NormedRow, after: RMSNorm | None, cell: torch.Tensor | None, tickets: torch.Tensor | None = None
-    ) -> NormedRow | torch.Tensor:
+    def forward_row(self, row: NormedRow, after: RMSNorm | None, cell: torch.Tensor | None) -> NormedRow | torch.Tensor:
         """``row.h + mlp(norm(row.h))`` for one row, its SwiGLU in the up projection's kernel; normed for
         ``after`` when given (see row_fusion)."""
-        act = row_linear(self.dense_h_to_4h, row.scaled, RowFusion(row=row, glu=True, tickets=tickets))  # [1, 1, ffn]
-        return row_into_norm(self.dense_4h_to_h, act, row.h, after, cell, tickets)
+        act = row_linear(self.dense_h_to_4h, row.scaled, RowFusion(row=row, glu=True))  # [1, 1, ffn]
+        return row_into_norm(self.dense_4h_to_h, act, row.h, after, cell)
 
     def row_fusable(self, x: torch.Tensor, lk: ModuleType) -> bool:
         return _row_fusable(self.dense_h_to_4h, x, lk) and _row_fusable(self.dense_4h_to_h, x, lk)
@@ -352,7 +341,7 @@ class GLMBlock(nn.Module):
         """:meth:`forward` of one decode row (CUDA) with the norms and SwiGLU inside the products."""
         h = self.self_attention.forward_row(row, step, cache, self.post_attention_layernorm, cells[0])
         assert isinstance(h, NormedRow)
-        return self.mlp.forward_row(h, after, cells[1], step.tickets)
+        return self.mlp.forward_row(h, after, cells[1])
 
     def row_fusable(self, x: torch.Tensor, cache: KVCache, lk: ModuleType) -> bool:
         """Whether :meth:`forward_row` serves the one-row ``x`` (CUDA kernels for every product and the attention)."""
@@ -521,9 +510,6 @@ class ChatGLMForCausalLM(nn.Module):
         from .row_kernels import norm_prep
 
         step = self._step_inputs(positions.to(x.device), length, first_row, "rows", masked)
-        c = self.config
-        outputs = max(c.hidden_size, c.ffn_hidden_size, c.qkv_size)  # a product's outputs (>= its output blocks)
-        step = replace(step, tickets=split_tickets(outputs, x.device))
         blocks = [self.blocks()[i] for i in layers]
         cells = norm_cells(2 * len(blocks) + 1, x.dtype, x.device)  # one sum(h**2) a norm
         first = blocks[0].input_layernorm

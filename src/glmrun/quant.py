@@ -327,9 +327,8 @@ class QuantLinear(nn.Module):
         )  # [M, out]
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _row_config(self, split_ok: bool = False) -> KernelConfig | None:
-        spec = self.spec
-        return triton_config_for(1, self.out_features, self.in_features, spec.group_size, spec.bits, split_ok=split_ok)
+    def _row_config(self) -> KernelConfig | None:
+        return triton_config_for(1, self.out_features, self.in_features, self.spec.group_size, self.spec.bits)
 
     def row_fusable(self, x: Tensor) -> bool:
         """Whether :meth:`row_product` serves ``x`` (one row on CUDA, float16/bfloat16, the one-row kernel)."""
@@ -340,7 +339,7 @@ class QuantLinear(nn.Module):
 
     def row_product(self, x: Tensor, residual: Tensor | None, fusion: RowFusion) -> Tensor:
         """One row's product with :mod:`glmrun.row_fusion`'s norms or SwiGLU in the kernel (see row_fusable)."""
-        config = self._row_config(split_ok=fusion.tickets is not None)
+        config = self._row_config()
         if config is None:
             raise ValueError(f"no one-row kernel for {self.out_features} x {self.in_features}")
         res = residual.reshape(1, -1) if residual is not None else None

@@ -24,14 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import launch_device
-from .row_fusion import RowFusion, check_tickets, fusion_args
+from .row_fusion import RowFusion, fusion_args
 from .triton_import import tl, triton
 
 __all__ = [
     "KernelConfig",
     "dequantize_rows",
     "dequant_matmul",
-    "one_row_split",
     "quant_matmul",
     "triton_available",
     "triton_config_for",
@@ -41,7 +40,6 @@ __all__ = [
 _CPU_CHUNK_ELEMENTS = 1 << 21  # ~8 MB of float32 weight per chunk: large enough for a fast matmul
 _GPU_CHUNK_ELEMENTS = 1 << 25  # 64 MB of fp16: big enough for cuBLAS to run at full speed
 _MAX_GLU_WORDS = 4096  # a SwiGLU program's 32-bit weight words a K-block, at most (see triton_quant_matmul)
-_SPLIT_PROGRAMS = 1024  # one-row programs to aim for when K may be split (see one_row_split)
 _MAX_TRITON_ROWS = 64  # above this many rows: dequantize + cuBLAS (compute-bound; crossover not yet timed)
 
 
@@ -125,14 +123,8 @@ def _block_k_fits(block_k: int, group_size: int, k: int, kind: str, bits: int) -
     return block_k % group_size == 0 and n & (n - 1) == 0
 
 
-def triton_config_for(
-    m: int, n: int, k: int, group_size: int, bits: int, *, split_ok: bool = False
-) -> KernelConfig | None:
-    """The launch settings for an ``[m, k] x [n, k]`` product, or None when the Triton path does not apply.
-
-    ``split_ok`` (one row, a fused product given tickets, see RowFusion): K may be split over several programs an
-    output block where there are too few blocks to keep the GPU's memory busy.
-    """
+def triton_config_for(m: int, n: int, k: int, group_size: int, bits: int) -> KernelConfig | None:
+    """The launch settings for an ``[m, k] x [n, k]`` product, or None when the Triton path does not apply."""
     if m > _MAX_TRITON_ROWS:
         return None
     # Picked from `benchmarks/quant_kernels_gpu.py --sweep` (one row: on an H100, torch 2.11, Triton 3.6,
@@ -148,22 +140,11 @@ def triton_config_for(
         block_k = next(fits, None)
         if block_k is None:
             return None
-        split = one_row_split(n, 8, k, block_k) if split_ok else 1
-        return KernelConfig("gemv", block_n=8, block_k=block_k, split_k=split, num_warps=4, num_stages=1)
+        return KernelConfig("gemv", block_n=8, block_k=block_k, split_k=1, num_warps=4, num_stages=1)
     block_k = next((b for b in (128, 64, 32) if _block_k_fits(b, group_size, k, "mm", bits)), None)
     if block_k is None:
         return None
     return KernelConfig("mm", block_n=32, block_k=block_k, split_k=2, num_warps=4, block_m=16, num_stages=3)
-
-
-def one_row_split(n: int, block_n: int, k: int, block_k: int) -> int:
-    """How many programs share an output block's K in a one-row product (a power of two): enough to give
-    ``_SPLIT_PROGRAMS`` programs, each with at least one K-block."""
-    blocks, k_blocks = -(-n // block_n), -(-k // block_k)
-    split = 1
-    while blocks * split < _SPLIT_PROGRAMS and 2 * split <= k_blocks:
-        split *= 2
-    return split
 
 
 def triton_quant_matmul(
@@ -192,12 +173,8 @@ def triton_quant_matmul(
     if not _block_k_fits(config.block_k, group_size, k, config.kind, bits):
         raise ValueError(f"block_k {config.block_k} does not fit group_size {group_size} and K {k}")
     glu = fusion is not None and fusion.glu
-    tickets = fusion.tickets if fusion is not None else None
-    if fusion is not None and (m != 1 or config.kind != "gemv" or (config.split_k != 1 and tickets is None)):
-        raise ValueError(
-            "a fused norm or SwiGLU needs one row and the one-row kernel, with tickets if K is split (RowFusion)"
-        )
-    fixup = tickets is not None and config.split_k > 1  # the last program of each output block finishes it
+    if fusion is not None and (m != 1 or config.kind != "gemv" or config.split_k != 1):
+        raise ValueError("a fused norm or SwiGLU needs one row and the one-row kernel without a split of K")
     if glu and n % 2:
         raise ValueError(f"SwiGLU needs an even number of weight rows, got {n}")
     x2d = x2d.contiguous()
@@ -206,7 +183,7 @@ def triton_quant_matmul(
     if zero is None and bits == 4:
         raise ValueError("an INT4 weight needs its zeros")
     z = zero.contiguous() if zero is not None else scale  # unused without zeros (symmetric INT8)
-    if (bias is not None or residual is not None) and (config.kind != "gemv" or (config.split_k > 1 and not fixup)):
+    if (bias is not None or residual is not None) and (config.kind != "gemv" or config.split_k > 1):
         y = triton_quant_matmul(x2d, q, scale, zero, bits, group_size, config)
         return _add_after(y, bias, residual)
     n_out = n // 2 if glu else n
@@ -215,13 +192,7 @@ def triton_quant_matmul(
         # Two weight rows an output: an INT4 tile of 16 rows stays fast, an INT8 one (twice the words) is
         # halved back to 8 rows (on an H100 the 16-row INT8 tile gave 293.0 tok/s against 317.8).
         config = replace(config, block_n=config.block_n // 2)
-    blocks = triton.cdiv(n_out, config.block_n)
-    parts = scale  # (unused without fixup)
-    if tickets is not None and fixup:
-        check_tickets(tickets, blocks, x2d.device)
-        rows = config.block_n * (2 if glu else 1)
-        parts = torch.empty(config.split_k * blocks * rows, dtype=torch.float32, device=x2d.device)
-    if config.split_k > 1 and not fixup:
+    if config.split_k > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x2d.device)
     else:
         y = torch.empty(m, n_out, dtype=x2d.dtype, device=x2d.device)
@@ -237,7 +208,7 @@ def triton_quant_matmul(
     )
     if config.kind == "gemv":
         groups_per_block = max(1, config.block_k // group_size) if group_size < k else 1
-        grid = (blocks, m, config.split_k)
+        grid = (triton.cdiv(n_out, config.block_n), m, config.split_k)
         words = q.view(torch.int32)  # [N, K / (32 // bits)]: the same bytes, read 4 at a time
         with launch_device(x2d):
             _qgemv_kernel[grid](
@@ -263,9 +234,6 @@ def triton_quant_matmul(
                 ROWS=config.block_n * (2 if glu else 1),
                 K_WORDS=k // (32 // bits),
                 STAGES=config.num_stages,
-                part_ptr=parts,
-                tick_ptr=tickets if fixup else scale,
-                TICKETS=fixup,
                 **fusion_args(fusion, scale, config.block_n),
                 **common,
             )
@@ -288,7 +256,7 @@ def triton_quant_matmul(
                 BLOCK_M=config.block_m,
                 **common,
             )
-    return y if config.split_k == 1 or fixup else y.to(x2d.dtype)
+    return y if config.split_k == 1 else y.to(x2d.dtype)
 
 
 def quant_matmul(
@@ -316,7 +284,7 @@ def _add_after(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tenso
 
 
 if triton is not None:
-    from .row_kernels import gemv_finish, gemv_rows, split_sums
+    from .row_kernels import gemv_finish, gemv_rows
 
     # INT4 with float16 x: half2 arithmetic in inline PTX, one call per 32-bit word (8 codes). A lop3 puts
     # two codes (columns i and i + 4) into the mantissas of 1024.0 (the odd columns' as 16 c), one sub or
@@ -413,9 +381,6 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         K_WORDS,
         STAGES: tl.constexpr,
-        part_ptr,
-        tick_ptr,
-        TICKETS: tl.constexpr,
     ):
         # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
         # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
@@ -495,47 +460,42 @@ if triton is not None:
                 acc += tl.sum(s * cx + z * xs, 1)
             else:
                 acc += tl.sum(s * cx, 1)
-        if SPLIT_K == 1 or TICKETS:  # bias, residual [M, N] and the fusions of row_fusion (one row only)
-            if SPLIT_K > 1:  # only the last of an output block's SPLIT_K programs goes on, with the whole sums
-                acc, whole = split_sums(acc, part_ptr, tick_ptr, pid_n, pid_k, tl.num_programs(0), ROWS, SPLIT_K)
-            else:
-                whole = True
-            if whole:
-                gemv_finish(
-                    acc,
-                    offs_n,
-                    n_mask,
-                    pid_n,
-                    N,
-                    K,
-                    y_ptr + row * stride_ym,
-                    b_ptr,
-                    r_ptr + row * N,
-                    sin_ptr,
-                    eps,
-                    g_ptr,
-                    hg_ptr,
-                    sout_ptr,
-                    q_ptr,
-                    k_ptr,
-                    v_ptr,
-                    cos_ptr,
-                    sin_tab_ptr,
-                    pos_ptr,
-                    rot_pairs,
-                    q_width,
-                    k_width,
-                    stride_kh,
-                    stride_kp,
-                    BLOCK_N,
-                    HAS_BIAS,
-                    HAS_RES,
-                    IN_NORM,
-                    GLU,
-                    OUT_NORM,
-                    ROPE,
-                    HEAD_DIM,
-                )
+        if SPLIT_K == 1:  # bias, residual [M, N] and the fusions of row_fusion (one row only)
+            gemv_finish(
+                acc,
+                offs_n,
+                n_mask,
+                pid_n,
+                N,
+                K,
+                y_ptr + row * stride_ym,
+                b_ptr,
+                r_ptr + row * N,
+                sin_ptr,
+                eps,
+                g_ptr,
+                hg_ptr,
+                sout_ptr,
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                cos_ptr,
+                sin_tab_ptr,
+                pos_ptr,
+                rot_pairs,
+                q_width,
+                k_width,
+                stride_kh,
+                stride_kp,
+                BLOCK_N,
+                HAS_BIAS,
+                HAS_RES,
+                IN_NORM,
+                GLU,
+                OUT_NORM,
+                ROPE,
+                HEAD_DIM,
+            )
         else:  # the caller adds bias and residual
             tl.atomic_add(y_ptr + row * stride_ym + offs_n, acc, mask=n_mask)
 

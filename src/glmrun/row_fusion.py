@@ -34,11 +34,9 @@ __all__ = [
     "RopeWrite",
     "RowFusion",
     "check_cell",
-    "check_tickets",
     "cell_value",
     "fusion_args",
     "norm_cells",
-    "split_tickets",
 ]
 
 
@@ -77,9 +75,7 @@ class RowFusion:
     ``silu(gate) * up`` (half as wide). ``out_weight``: the output (with the residual) is the next norm's
     input: ``out_weight * y * ROW_SCALE`` goes to ``out_scaled`` and ``sum(y**2)`` is added to ``out_sumsq`` (a cell
     of norm_cells, zeroed by the caller). ``rope``: the QKV product's outputs are rotated and stored in the cache
-    (see RopeWrite); its plain output is not written. ``tickets`` (:func:`split_tickets`): a product whose launch
-    settings split K over several programs an output block keeps its epilogue (the last of them to finish adds
-    the parts in a fixed order and runs it).
+    (see RopeWrite); its plain output is not written.
     """
 
     row: NormedRow | None = None
@@ -88,7 +84,6 @@ class RowFusion:
     out_scaled: Tensor | None = None
     out_sumsq: Tensor | None = None
     rope: RopeWrite | None = None
-    tickets: Tensor | None = None
 
 
 CELL_HI_BITS = 16
@@ -108,21 +103,6 @@ def norm_cells(count: int, dtype: torch.dtype, device: torch.device | str) -> Te
     """
     exact = dtype == torch.float16
     return torch.zeros((count, 2), dtype=torch.int64 if exact else torch.float32, device=device)
-
-
-def split_tickets(count: int, device: torch.device | str) -> Tensor:
-    """Zeroed tickets for products that split K (RowFusion.tickets): one int32 an output block, ``count`` at least
-    the most blocks of any product that uses them. The last program of a block puts its ticket back to zero, so
-    the products of one step can share them (one after another on a stream, never two at once)."""
-    return torch.zeros(count, dtype=torch.int32, device=device)
-
-
-def check_tickets(tickets: Tensor, blocks: int, device: torch.device) -> None:
-    """Refuse tickets that cannot serve a product of ``blocks`` output blocks on ``device``."""
-    if tickets.dtype != torch.int32 or not tickets.is_contiguous() or tickets.device != device:
-        raise ValueError(f"tickets are contiguous int32 on {device}, got {tickets.dtype} on {tickets.device}")
-    if tickets.numel() < blocks:
-        raise ValueError(f"a product of {blocks} output blocks needs as many tickets, got {tickets.numel()}")
 
 
 def check_cell(cell: Tensor, dtype: torch.dtype) -> None:

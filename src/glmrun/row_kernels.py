@@ -145,29 +145,6 @@ if triton is not None:
             add_sumsq(sout_ptr, tl.sum(o32 * o32, 0))
 
     @triton.jit
-    def split_sums(acc, part_ptr, tick_ptr, pid_n, pid_k, blocks, ROWS: tl.constexpr, SPLIT_K: tl.constexpr):
-        """Program (pid_n, pid_k) of an output block whose K is split over SPLIT_K programs: ``(sums, whole)``, where
-        ``whole`` is true in the last of them to finish and ``sums`` then holds the block's whole sums.
-
-        Each program stores its ``acc`` ([ROWS] float32) at ``part_ptr[pid_k, pid_n]`` and takes a ticket from
-        ``tick_ptr[pid_n]`` (int32, zero before the launch). The program that draws the last ticket adds the SPLIT_K
-        parts in pid_k order (so the sums do not depend on which program finished first) and puts the ticket back to
-        zero for the next launch. The stores reach the GPU before the ticket (a CTA barrier, then a release at GPU
-        scope, as CUTLASS's semaphore does) and the last program reads the parts after its acquire, from L2.
-        """
-        r = tl.arange(0, ROWS)
-        tl.store(part_ptr + (pid_k * blocks + pid_n) * ROWS + r, acc)
-        tl.debug_barrier()
-        ticket = tl.atomic_add(tick_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        whole = ticket == SPLIT_K - 1
-        sums = tl.zeros([ROWS], tl.float32)
-        if whole:
-            for i in tl.static_range(SPLIT_K):
-                sums += tl.load(part_ptr + (i * blocks + pid_n) * ROWS + r, cache_modifier=".cg")
-            tl.store(tick_ptr + pid_n, 0)
-        return sums, whole
-
-    @triton.jit
     def _fixed_point(part):
         """``part`` (float32 >= 0) as the (hi, lo) int64 pair of an exact cell."""
         u = part.to(tl.float64) * (2.0 ** (_HI_BITS + _SPLIT_BITS))  # exact: a power of two

@@ -424,8 +424,12 @@ def test_wrong_api_key_is_401(model: GLMModel) -> None:
 
 # A request that cannot end early: greedy, SmolLM2's reply to this runs to the 400-token cap (~4 s on two cores), where
 # a sampled "Tell me a long story." sometimes stopped within the 1.5 s a test below waits (a flaky CI run).
-LONG = {"messages": [{"role": "user", "content": "Write a very long story about a dragon, at least 1000 words."}]}
-LONG = {**LONG, "max_tokens": 400, "temperature": 0, "stream": True}
+LONG = {
+    "messages": [{"role": "user", "content": "Write a very long story about a dragon, at least 1000 words."}],
+    "max_tokens": 400,
+    "temperature": 0,
+    "stream": True,
+}
 
 
 def test_full_queue_is_429_and_disconnected_clients_leave_it(model: GLMModel) -> None:

@@ -163,6 +163,16 @@ if triton is not None:
             tl.atomic_add(cell_ptr, part)
 
     @triton.jit
+    def store_sumsq(cell_ptr, part):
+        """Store a whole row's sum of squares ``part`` (float32 >= 0) in its cell (one program: no zeroing needed)."""
+        if cell_ptr.dtype.element_ty == tl.int64:
+            hi, lo = _fixed_point(part)
+            tl.store(cell_ptr, hi)
+            tl.store(cell_ptr + 1, lo)
+        else:
+            tl.store(cell_ptr, part)
+
+    @triton.jit
     def load_sumsq(cell_ptr):
         """A row's sum of squares from its cell, float32."""
         if cell_ptr.dtype.element_ty == tl.int64:
@@ -182,10 +192,4 @@ if triton is not None:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(hg_ptr + offs, (h * g * _SCALE).to(hg_ptr.dtype.element_ty), mask=mask)
             total += h * h
-        part = tl.sum(total, 0)
-        if ss_ptr.dtype.element_ty == tl.int64:  # one program: stores, so the cell need not be zeroed
-            hi, lo = _fixed_point(part)
-            tl.store(ss_ptr, hi)
-            tl.store(ss_ptr + 1, lo)
-        else:
-            tl.store(ss_ptr, part)
+        store_sumsq(ss_ptr, tl.sum(total, 0))

@@ -7,7 +7,7 @@
 #   OLD_REV=eb5f5d0 ROUNDS=3 QUANTS="int4 int8" bash benchmarks/ab_bench.sh OUTDIR [extra glmrun bench args]
 #
 # OLD_SRC: a directory holding that commit's src/ (from `git archive REV src`), for a commit the device copy's
-# git does not hold; OLD_REV then only names it. QUANTS: int4, int8 or none (float). NEW_REV names the tree in the summary (the device copy's git HEAD can be stale).
+# git does not hold; OLD_REV then only names it. NEW_SRC: the same for the new side (default: this tree's src/). QUANTS: int4, int8 or none (float). NEW_REV names the tree in the summary (the device copy's git HEAD can be stale).
 # Each run's JSON goes to OUTDIR/runs.tar, the summary to OUTDIR/ab_summary.json.
 # The default bench is the decode setting (ChatGLM2-6B shape, 2K prompt, 128 new tokens, CUDA); set
 # BENCH to change it (e.g. BENCH="--preset tiny --device cpu --prompt-len 16 --gen-len 8" for a dry run).
@@ -32,7 +32,7 @@ for qz in ${QUANTS:-int4 int8}; do
   for r in $(seq 1 "${ROUNDS:-3}"); do
     order="old new"; [ $((r % 2)) = 0 ] && order="new old"  # alternate who goes first: drift hits both
     for side in $order; do
-      src=$PWD/src; [ "$side" = old ] && src=$work/old/src
+      src=${NEW_SRC:-$PWD/src}; [ "$side" = old ] && src=$work/old/src
       json="$work/runs/${qz}_${side}_r$r.json"
       # shellcheck disable=SC2086
       PYTHONPATH="$work/site:$src" $py -m glmrun bench $bench "${q[@]}" "$@" --json "$json" >> "$out/ab.log" 2>&1

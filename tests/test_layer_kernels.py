@@ -39,6 +39,7 @@ def _config(heads: int, kv_heads: int, head_dim: int, rotary_dim: int) -> ModelC
         (8, 2, 32, 16, [5, 290], 512),  # ChatGLM2-like: half the head rotates; 5 slices, row 0 uses one
         (9, 3, 64, 64, [0, 63], 256),  # SmolLM2-like: 3 query heads per KV head, a row at position 0
         (4, 4, 16, 16, [130], 256),  # no grouping, one row
+        (2, 1, 16, 16, [3000, 8000], 8192),  # 128 slices, merged 64 at a time: row 0's second 64 all empty
     ],
 )
 def test_fused_decode_matches_the_plain_path(heads, kv_heads, head_dim, rotary_dim, positions, bucket):

@@ -477,26 +477,28 @@ if triton is not None:
         D: tl.constexpr,
         BLOCK_S: tl.constexpr,
     ):
-        # Program (b * K + kh, j): query head kh * G + j of row b. Slice 0 is never empty (every row has
-        # at least its own key), so the global max is finite and empty slices weigh exp(-inf) = 0.
+        # Program (b * K + kh, j): query head kh * G + j of row b. One pass over the slices, BLOCK_S at a time (the
+        # launch makes that all of them up to 64 slices, so the max, the sums and the outputs are loaded together):
+        # what came before is rescaled to the running max. Slice 0 is never empty (every row has at least its own
+        # key), so the running max is finite from the first block on and empty slices weigh exp(-inf) = 0.
         bk = tl.program_id(0)
         j = tl.program_id(1)
         offs_d = tl.arange(0, D)
-        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        for s0 in range(0, slices, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            mv = tl.load(m_ptr + (bk * slices + offs_s) * GP + j, mask=offs_s < slices, other=float("-inf"))
-            top = tl.maximum(top, mv)
-        big = tl.max(top, 0)
+        big = tl.full([], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_S], tl.float32)
         acc = tl.zeros([D], tl.float32)
         for s0 in range(0, slices, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             inside = offs_s < slices
             rows = (bk * slices + offs_s) * GP + j
-            w = tl.exp(tl.load(m_ptr + rows, mask=inside, other=float("-inf")) - big)
-            total += w * tl.load(s_ptr + rows, mask=inside, other=0.0)
+            mv = tl.load(m_ptr + rows, mask=inside, other=float("-inf"))
+            sv = tl.load(s_ptr + rows, mask=inside, other=0.0)
             part = tl.load(acc_ptr + rows[:, None] * D + offs_d[None, :], mask=inside[:, None], other=0.0)
-            acc += tl.sum(part * w[:, None], 0)
+            top = tl.maximum(big, tl.max(mv, 0))
+            old = tl.exp(big - top)  # 0 before the first block (big = -inf, top finite)
+            w = tl.exp(mv - top)
+            total = total * old + w * sv
+            acc = acc * old + tl.sum(part * w[:, None], 0)
+            big = top
         out = acc / tl.sum(total, 0)
         tl.store(out_ptr + (bk * G + j) * D + offs_d, out.to(out_ptr.dtype.element_ty))

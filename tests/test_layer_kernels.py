@@ -137,9 +137,11 @@ def test_split_plan_covers_the_keys_with_whole_blocks():
     for length in (1, 63, 64, 300, 2048, 32768):
         for programs in (1, 2, 64, 512):
             slices, per_slice = layer_kernels.split_plan(length, programs)
-            assert per_slice % 64 == 0
+            assert per_slice % layer_kernels._BLOCK_L == 0
             assert slices * per_slice >= length > (slices - 1) * per_slice
-    assert layer_kernels.split_plan(2048, 2)[0] == 32  # one row, two KV heads: 64 programs of 64 keys
+    block = layer_kernels._BLOCK_L  # one row, two KV heads: a slice per block of keys up to 128 slices
+    assert layer_kernels.split_plan(2048, 2) == (2048 // block, block)
+    assert layer_kernels.split_plan(128 * block * 3, 2) == (128, 3 * block)
 
 
 def test_supported_only_for_half_precision_and_power_of_two_heads():

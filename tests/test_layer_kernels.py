@@ -139,9 +139,10 @@ def test_split_plan_covers_the_keys_with_whole_blocks():
             slices, per_slice = layer_kernels.split_plan(length, programs)
             assert per_slice % layer_kernels._BLOCK_L == 0
             assert slices * per_slice >= length > (slices - 1) * per_slice
-    block = layer_kernels._BLOCK_L  # one row, two KV heads: a slice per block of keys up to 128 slices
+    block = layer_kernels._BLOCK_L
+    most = layer_kernels._TARGET_PROGRAMS // 2  # one row, two KV heads: a slice per block of keys up to `most`
     assert layer_kernels.split_plan(2048, 2) == (2048 // block, block)
-    assert layer_kernels.split_plan(128 * block * 3, 2) == (128, 3 * block)
+    assert layer_kernels.split_plan(most * block * 3, 2) == (most, 3 * block)
 
 
 def test_supported_only_for_half_precision_and_power_of_two_heads():

@@ -17,7 +17,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rms_norm", "rotary", "swiglu", "on_device", "launch_device"]
+__all__ = [
+    "rms_norm",
+    "rotary",
+    "swiglu",
+    "on_device",
+    "launch_device",
+    "overlapped_launch",
+    "pdl_options",
+    "set_overlapped_launch",
+]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,3 +94,47 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+_overlap: dict[int, bool] = {}
+_overlap_off: list[bool] = [os.environ.get("GLMRUN_PDL", "1") == "0"]
+
+
+def overlapped_launch(t: torch.Tensor) -> bool:
+    """Whether a one-row decode kernel working on ``t`` launches as a programmatic dependent of the kernel before.
+
+    Hopper and later GPUs can start a kernel while the one before it still runs (programmatic dependent
+    launch): its programs become resident, load what no earlier kernel writes (weights) and wait in
+    ``griddepcontrol.wait`` until that kernel has completed and its writes are visible. Such a kernel reads and
+    writes nothing an earlier kernel touches before that wait (row_kernels' ``await_previous``), and lets the
+    next kernel launch only after it (``let_next_launch``), so at most one kernel waits ahead of the running one.
+    True on CUDA devices of compute capability 9.0 or later whose Triton has the instructions, unless
+    ``GLMRUN_PDL=0`` or :func:`set_overlapped_launch` turned it off; never on the CPU or in Triton's interpreter.
+    """
+    if not t.is_cuda or _overlap_off[0]:
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    known = _overlap.get(index)
+    if known is None:
+        known = _overlap[index] = torch.cuda.get_device_capability(index)[0] >= 9 and _triton_has_gdc()
+    return known
+
+
+def pdl_options(pdl: bool) -> dict[str, Any]:
+    """The launch option of a Triton kernel launched so (none otherwise: Triton before 3.3 does not know it)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+def set_overlapped_launch(enabled: bool) -> None:
+    """Turn :func:`overlapped_launch` on or off for launches from now on (graphs captured before keep theirs)."""
+    _overlap_off[0] = not enabled
+
+
+def _triton_has_gdc() -> bool:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    try:
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import launch_device
+from .kernels import launch_device, overlapped_launch, pdl_options
 from .row_fusion import RowFusion, fusion_args
 from .triton_import import tl, triton
 
@@ -108,6 +108,7 @@ def half_gemv(
     res = residual.reshape(n_out) if residual is not None else None
     if res is not None and res.stride(0) != 1:
         res = res.contiguous()
+    pdl = overlapped_launch(x1)
     with launch_device(x1):
         _half_gemv_kernel[(triton.cdiv(n_out, block_n),)](
             x1,
@@ -124,7 +125,9 @@ def half_gemv(
             BLOCK_K=block_k,
             ROWS=block_n * (2 if glu else 1),
             **fusion_args(fusion, weight, block_n),
+            PDL=pdl,
             num_warps=num_warps,
+            **pdl_options(pdl),
         )
     return y.view(*x.shape[:-1], n_out)
 
@@ -228,6 +231,7 @@ def decode_attention(
     s = torch.empty_like(m)
     acc = torch.empty((B * K, slices, GP, D), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
+    pdl = overlapped_launch(q)
     with launch_device(q):
         _attention_slices_kernel[(B * K, slices)](
             q,
@@ -249,15 +253,18 @@ def decode_attention(
             PER_SLICE=per_slice,
             BLOCK_L=_BLOCK_L,
             SLICES=slices,
+            PDL=pdl,
+            **pdl_options(pdl),
         )
+        block_s = min(64, triton.next_power_of_2(slices))
         _merge_slices_kernel[(B * K, G)](
-            m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=min(64, triton.next_power_of_2(slices))
+            m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=block_s, PDL=pdl, **pdl_options(pdl)
         )
     return out
 
 
 if triton is not None:
-    from .row_kernels import gemv_finish, gemv_rows
+    from .row_kernels import await_previous, gemv_finish, gemv_rows
 
     @triton.jit
     def _half_gemv_kernel(
@@ -295,9 +302,10 @@ if triton is not None:
         stride_kp,
         ROPE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # BLOCK_N outputs per program (ROWS weight rows: two an output with GLU); products summed elementwise
-        # in float32 and reduced once at the end.
+        # in float32 and reduced once at the end. PDL: the first block's weights load before the wait.
         pid = tl.program_id(0)
         offs_n, n_mask = gemv_rows(pid, N, N, BLOCK_N, GLU)
         acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
@@ -307,6 +315,9 @@ if triton is not None:
             w = tl.load(
                 w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
             )
+            if PDL:
+                if k0 == 0:
+                    await_previous(PDL)
             xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
             acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
         gemv_finish(
@@ -428,10 +439,12 @@ if triton is not None:
         PER_SLICE: tl.constexpr,
         BLOCK_L: tl.constexpr,
         SLICES: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # Program (b * K + kh, slice): the G query heads of KV head kh over keys [start, start + PER_SLICE)
         # of row b, cut at the row's length. Writes the slice's running max, sum of exponentials and
         # unnormalised output (an empty slice writes -inf, 0, 0, which the merge weighs by 0).
+        await_previous(PDL)
         bk = tl.program_id(0)
         sl = tl.program_id(1)
         b = bk // K
@@ -476,11 +489,13 @@ if triton is not None:
         GP: tl.constexpr,
         D: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # Program (b * K + kh, j): query head kh * G + j of row b. One pass over the slices, BLOCK_S at a time (the
         # launch makes that all of them up to 64 slices, so the max, the sums and the outputs are loaded together):
         # what came before is rescaled to the running max. Slice 0 is never empty (every row has at least its own
         # key), so the running max is finite from the first block on and empty slices weigh exp(-inf) = 0.
+        await_previous(PDL)
         bk = tl.program_id(0)
         j = tl.program_id(1)
         offs_d = tl.arange(0, D)

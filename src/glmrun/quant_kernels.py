@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import launch_device
+from .kernels import launch_device, overlapped_launch, pdl_options
 from .row_fusion import RowFusion, fusion_args
 from .triton_import import tl, triton
 
@@ -210,6 +210,7 @@ def triton_quant_matmul(
         groups_per_block = max(1, config.block_k // group_size) if group_size < k else 1
         grid = (triton.cdiv(n_out, config.block_n), m, config.split_k)
         words = q.view(torch.int32)  # [N, K / (32 // bits)]: the same bytes, read 4 at a time
+        pdl = overlapped_launch(x2d)
         with launch_device(x2d):
             _qgemv_kernel[grid](
                 x2d,
@@ -234,8 +235,10 @@ def triton_quant_matmul(
                 ROWS=config.block_n * (2 if glu else 1),
                 K_WORDS=k // (32 // bits),
                 STAGES=config.num_stages,
+                PDL=pdl,
                 **fusion_args(fusion, scale, config.block_n),
                 **common,
+                **pdl_options(pdl),
             )
     else:
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
@@ -284,7 +287,7 @@ def _add_after(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tenso
 
 
 if triton is not None:
-    from .row_kernels import gemv_finish, gemv_rows
+    from .row_kernels import await_previous, gemv_finish, gemv_rows
 
     # INT4 with float16 x: half2 arithmetic in inline PTX, one call per 32-bit word (8 codes). A lop3 puts
     # two codes (columns i and i + 4) into the mantissas of 1024.0 (the odd columns' as 16 c), one sub or
@@ -381,6 +384,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         K_WORDS,
         STAGES: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # One input row (axis 1) x BLOCK_N output features (axis 0), K split SPLIT_K ways (axis 2).
         # The weight is read as int32 words (8 nibbles or 4 bytes, little-endian: lowest bits = lowest
@@ -415,6 +419,9 @@ if triton is not None:
                 w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)  # [BN, WORDS] int32
             else:
                 w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
+            if PDL:  # the first block's weights are on their way while the kernel before finishes
+                if k0 == pid_k * BLOCK_K:
+                    await_previous(PDL)
             if HALF2:  # INT4: word j holds columns 8j..8j+7; the PTX pairs column i with column i + 4
                 p0, a0 = _half2_of(x_row, kw * 8, kw * 8 + 4, k_mask, 0.0625)
                 p1, a1 = _half2_of(x_row, kw * 8 + 1, kw * 8 + 5, k_mask, 0.0625)

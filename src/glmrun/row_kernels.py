@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import launch_device
+from .kernels import launch_device, overlapped_launch, pdl_options
 from .row_fusion import CELL_HI_BITS, CELL_SPLIT_BITS, NormedRow, check_cell
 from .triton_import import tl, triton
 
@@ -42,8 +42,9 @@ def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow
     check_cell(sumsq, h.dtype)
     h1 = h.reshape(k).contiguous()
     scaled = torch.empty_like(h1)
+    pdl = overlapped_launch(h1)
     with launch_device(h1):
-        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, num_warps=4)
+        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, PDL=pdl, num_warps=4, **pdl_options(pdl))
     return NormedRow(h, scaled.view(h.shape), sumsq, eps)
 
 
@@ -183,7 +184,17 @@ if triton is not None:
             return tl.load(cell_ptr)
 
     @triton.jit
-    def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, K, BLOCK: tl.constexpr):
+    def await_previous(PDL: tl.constexpr):
+        """Launched as a programmatic dependent (kernels.overlapped_launch): wait until the kernel before has
+        completed and its writes are visible, then let the next kernel's programs launch. Before this a
+        program may only read what no kernel writes (weights)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _norm_prep_kernel(h_ptr, g_ptr, hg_ptr, ss_ptr, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        await_previous(PDL)
         total = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)

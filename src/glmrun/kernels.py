@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "on_device",
     "launch_device",
     "overlapped_launch",
+    "overlapped_launches",
     "pdl_options",
     "set_overlapped_launch",
 ]
@@ -101,23 +103,40 @@ _overlap_off: list[bool] = [os.environ.get("GLMRUN_PDL", "1") == "0"]
 
 
 def overlapped_launch(t: torch.Tensor) -> bool:
-    """Whether a one-row decode kernel working on ``t`` launches as a programmatic dependent of the kernel before.
+    """Whether a decode kernel working on ``t`` launches as a programmatic dependent of the kernel before it.
 
     Hopper and later GPUs can start a kernel while the one before it still runs (programmatic dependent
-    launch): its programs become resident, load what no earlier kernel writes (weights) and wait in
-    ``griddepcontrol.wait`` until that kernel has completed and its writes are visible. Such a kernel reads and
-    writes nothing an earlier kernel touches before that wait (row_kernels' ``await_previous``), and lets the
-    next kernel launch only after it (``let_next_launch``), so at most one kernel waits ahead of the running one.
-    True on CUDA devices of compute capability 9.0 or later whose Triton has the instructions, unless
-    ``GLMRUN_PDL=0`` or :func:`set_overlapped_launch` turned it off; never on the CPU or in Triton's interpreter.
+    launch): its programs become resident, load their first block of weights and wait in ``griddepcontrol.wait``
+    until that kernel has completed and its writes are visible; only then do they read or write anything else,
+    and let the next kernel launch (row_kernels' ``await_previous``), so at most one kernel waits ahead of the
+    running one. Reading weights before the wait is safe only where no kernel just before wrote them (loading
+    or quantizing does): so this holds only inside :func:`overlapped_launches`, which the model's one-row
+    decode step (``ChatGLMForCausalLM._run_row``) opens: its first kernel waits before it reads anything, and
+    every kernel after it is one of the step's own. True there on CUDA devices of compute capability 9.0 or
+    later whose Triton has the instructions, unless ``GLMRUN_PDL=0`` or :func:`set_overlapped_launch` turned it
+    off; never on the CPU or in Triton's interpreter.
     """
-    if not t.is_cuda or _overlap_off[0]:
+    if not t.is_cuda or _overlap_off[0] or not getattr(_scope, "on", False):
         return False
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     known = _overlap.get(index)
     if known is None:
         known = _overlap[index] = torch.cuda.get_device_capability(index)[0] >= 9 and _triton_has_gdc()
     return known
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def overlapped_launches() -> Iterator[None]:
+    """Within it (this thread), decode kernels may launch as programmatic dependents (:func:`overlapped_launch`)."""
+    before = getattr(_scope, "on", False)
+    _scope.on = True
+    try:
+        yield
+    finally:
+        _scope.on = before
 
 
 def pdl_options(pdl: bool) -> dict[str, Any]:

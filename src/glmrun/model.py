@@ -507,17 +507,19 @@ class ChatGLMForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """:meth:`run_layers` for one decode row on one GPU: the norms and SwiGLU ride in the products'
         kernels (glmrun.row_fusion) with the rotary and cache write, so a layer launches 6 kernels instead of 10."""
+        from .kernels import overlapped_launches
         from .row_kernels import norm_prep
 
         step = self._step_inputs(positions.to(x.device), length, first_row, "rows", masked)
         blocks = [self.blocks()[i] for i in layers]
         cells = norm_cells(2 * len(blocks) + 1, x.dtype, x.device)  # one sum(h**2) a norm
         first = blocks[0].input_layernorm
-        out: NormedRow | torch.Tensor = norm_prep(x, first.weight, first.eps, cells[0])
-        for j, block in enumerate(blocks):
-            after = blocks[j + 1].input_layernorm if j + 1 < len(blocks) else None
-            assert isinstance(out, NormedRow)
-            out = block.forward_row(out, step, cache, cells[2 * j + 1 : 2 * j + 3], after)
+        with overlapped_launches():  # on Hopper: each kernel starts while the one before finishes (kernels.py)
+            out: NormedRow | torch.Tensor = norm_prep(x, first.weight, first.eps, cells[0])
+            for j, block in enumerate(blocks):
+                after = blocks[j + 1].input_layernorm if j + 1 < len(blocks) else None
+                assert isinstance(out, NormedRow)
+                out = block.forward_row(out, step, cache, cells[2 * j + 1 : 2 * j + 3], after)
         assert isinstance(out, torch.Tensor)
         return out
 

@@ -59,9 +59,12 @@ def test_glmrun_pdl_0_turns_it_off_from_the_start(monkeypatch):
     assert kernels._overlap_off == [False]
 
 
-def test_only_a_dependent_launch_names_the_option():  # Triton before 3.3 knows no launch_pdl
-    assert kernels.pdl_options(False) == {}
-    assert kernels.pdl_options(True) == {"launch_pdl": True}
+def test_only_a_dependent_launch_names_the_option(monkeypatch):  # Triton before 3.3 knows no launch_pdl
+    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    monkeypatch.setattr(kernels, "_overlap", {0: True})
+    assert kernels.dependent_launch(on_gpu) == {"PDL": False}  # outside a decode row
+    with kernels.overlapped_launches():
+        assert kernels.dependent_launch(on_gpu) == {"PDL": True, "launch_pdl": True}  # the wait goes with the option
 
 
 def test_the_interpreter_has_no_griddepcontrol(monkeypatch):

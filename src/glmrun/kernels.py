@@ -24,9 +24,9 @@ __all__ = [
     "swiglu",
     "on_device",
     "launch_device",
+    "dependent_launch",
     "overlapped_launch",
     "overlapped_launches",
-    "pdl_options",
     "set_overlapped_launch",
 ]
 
@@ -139,9 +139,12 @@ def overlapped_launches() -> Iterator[None]:
         _scope.on = before
 
 
-def pdl_options(pdl: bool) -> dict[str, Any]:
-    """The launch option of a Triton kernel launched so (none otherwise: Triton before 3.3 does not know it)."""
-    return {"launch_pdl": True} if pdl else {}
+def dependent_launch(t: torch.Tensor) -> dict[str, Any]:
+    """A decode kernel's ``PDL`` flag and launch option for tensors like ``t``, decided together by
+    :func:`overlapped_launch` (the kernel waits in ``await_previous`` exactly when it is launched so). The option is
+    left out when off: Triton before 3.3 does not know it."""
+    pdl = overlapped_launch(t)
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def set_overlapped_launch(enabled: bool) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import launch_device, overlapped_launch, pdl_options
+from .kernels import dependent_launch, launch_device
 from .row_fusion import RowFusion, fusion_args
 from .triton_import import tl, triton
 
@@ -108,7 +108,6 @@ def half_gemv(
     res = residual.reshape(n_out) if residual is not None else None
     if res is not None and res.stride(0) != 1:
         res = res.contiguous()
-    pdl = overlapped_launch(x1)
     with launch_device(x1):
         _half_gemv_kernel[(triton.cdiv(n_out, block_n),)](
             x1,
@@ -125,9 +124,8 @@ def half_gemv(
             BLOCK_K=block_k,
             ROWS=block_n * (2 if glu else 1),
             **fusion_args(fusion, weight, block_n),
-            PDL=pdl,
+            **dependent_launch(x1),
             num_warps=num_warps,
-            **pdl_options(pdl),
         )
     return y.view(*x.shape[:-1], n_out)
 
@@ -231,7 +229,7 @@ def decode_attention(
     s = torch.empty_like(m)
     acc = torch.empty((B * K, slices, GP, D), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    pdl = overlapped_launch(q)
+    dependent = dependent_launch(q)
     with launch_device(q):
         _attention_slices_kernel[(B * K, slices)](
             q,
@@ -253,13 +251,10 @@ def decode_attention(
             PER_SLICE=per_slice,
             BLOCK_L=_BLOCK_L,
             SLICES=slices,
-            PDL=pdl,
-            **pdl_options(pdl),
+            **dependent,
         )
         block_s = min(64, triton.next_power_of_2(slices))
-        _merge_slices_kernel[(B * K, G)](
-            m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=block_s, PDL=pdl, **pdl_options(pdl)
-        )
+        _merge_slices_kernel[(B * K, G)](m, s, acc, out, slices, G=G, GP=GP, D=D, BLOCK_S=block_s, **dependent)
     return out
 
 

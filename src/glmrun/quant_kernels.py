@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import launch_device, overlapped_launch, pdl_options
+from .kernels import dependent_launch, launch_device
 from .row_fusion import RowFusion, fusion_args
 from .triton_import import tl, triton
 
@@ -210,7 +210,6 @@ def triton_quant_matmul(
         groups_per_block = max(1, config.block_k // group_size) if group_size < k else 1
         grid = (triton.cdiv(n_out, config.block_n), m, config.split_k)
         words = q.view(torch.int32)  # [N, K / (32 // bits)]: the same bytes, read 4 at a time
-        pdl = overlapped_launch(x2d)
         with launch_device(x2d):
             _qgemv_kernel[grid](
                 x2d,
@@ -235,10 +234,9 @@ def triton_quant_matmul(
                 ROWS=config.block_n * (2 if glu else 1),
                 K_WORDS=k // (32 // bits),
                 STAGES=config.num_stages,
-                PDL=pdl,
                 **fusion_args(fusion, scale, config.block_n),
                 **common,
-                **pdl_options(pdl),
+                **dependent_launch(x2d),
             )
     else:
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import launch_device, overlapped_launch, pdl_options
+from .kernels import dependent_launch, launch_device
 from .row_fusion import CELL_HI_BITS, CELL_SPLIT_BITS, NormedRow, check_cell
 from .triton_import import tl, triton
 
@@ -42,9 +42,8 @@ def norm_prep(h: Tensor, weight: Tensor, eps: float, sumsq: Tensor) -> NormedRow
     check_cell(sumsq, h.dtype)
     h1 = h.reshape(k).contiguous()
     scaled = torch.empty_like(h1)
-    pdl = overlapped_launch(h1)
     with launch_device(h1):
-        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, PDL=pdl, num_warps=4, **pdl_options(pdl))
+        _norm_prep_kernel[(1,)](h1, weight, scaled, sumsq, k, BLOCK=1024, num_warps=4, **dependent_launch(h1))
     return NormedRow(h, scaled.view(h.shape), sumsq, eps)
 
 

@@ -36,6 +36,8 @@ def main() -> int:
     p.add_argument("--block-n", type=int, default=8)
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--pdl", action="store_true", help="the build launched as a programmatic dependent")
+    p.add_argument("--tiled", action="store_true", help="the tiled INT4 kernel (quant_kernels.tile_int4's order)")
+    p.add_argument("--groups", type=int, default=8, help="--tiled: groups of 128 a step")
     p.add_argument("--dump", default="", help="write the SASS here (and .ptx, .ttgir beside it)")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
@@ -47,20 +49,23 @@ def main() -> int:
 
     import glmrun.quant_kernels as qk
 
-    fn = qk._qgemv_kernel
+    fn = qk._q4tiled_gemv_kernel if args.tiled else qk._qgemv_kernel
     k, block_k = SHAPES[args.shape]
+    if args.tiled:
+        block_k = 128 * args.groups
     glu, rope = args.shape == "up", args.shape == "qkv"
     out_norm = args.shape in ("dense", "down")
     const = dict(
         BITS=args.bits, HAS_ZERO=True, GROUP=128, GROUPS_PER_BLOCK=block_k // 128, BLOCK_N=args.block_n,
         BLOCK_K=block_k, SPLIT_K=1, EVEN_K=k % block_k == 0, HAS_BIAS=rope, HAS_RES=out_norm, HALF2=args.bits == 4,
         ROWS=args.block_n * (2 if glu else 1), IN_NORM=glu or rope, GLU=glu, OUT_NORM=out_norm, ROPE=rope,
-        HEAD_DIM=128 if rope else 1, STAGES=1, PDL=args.pdl,
+        HEAD_DIM=128 if rope else 1, STAGES=1, PDL=args.pdl, NG=block_k // 128, WORDS=16, EVEN=k % block_k == 0,
+        ASM=True,
     )  # fmt: skip
     names = fn.arg_names
     const = {n: v for n, v in const.items() if n in names}
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "eps" else "i32") for n in names}
-    aligned = [i for i, n in enumerate(names) if sig[n].startswith("*") or n in ("stride_wn", "K_WORDS")]
+    aligned = [i for i, n in enumerate(names) if sig[n].startswith("*") or n in ("stride_wn", "K_WORDS", "stride_xm")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(fn, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
     built = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps, "num_stages": 1})

@@ -20,6 +20,7 @@ from glmrun.quant import (
     quantized_bytes,
     quantized_state_shapes,
     replace_with_empty_quant_linears_,
+    tile_int4_linears_,
 )
 from glmrun.quant_kernels import KernelConfig, dequant_matmul, triton_available, triton_config_for
 
@@ -226,6 +227,34 @@ def test_state_dict_round_trip_through_safetensors(tmp_path, spec):
     empty.load_state_dict(loaded, assign=True)
     x = torch.randn(4, 256)
     assert torch.equal(empty(x), qlinear(x))
+
+
+def test_a_tiled_layer_computes_and_saves_as_the_canonical_one():
+    torch.manual_seed(8)
+    layer = QuantLinear.from_linear(nn.Linear(512, 48, bias=True), INT4)
+    canonical = {n: t.clone() for n, t in layer.state_dict().items()}
+    x = torch.randn(3, 512)
+    before = layer(x)
+    assert layer.tile_() is layer and layer.tiled and "tiled" in repr(layer)
+    assert not torch.equal(layer.weight_q, canonical["weight_q"])  # reordered in place
+    assert torch.allclose(layer(x), before, atol=1e-5)
+    state = layer.state_dict()
+    assert all(torch.equal(state[n], canonical[n]) for n in canonical)  # saved in the canonical order
+    assert torch.equal(layer.quantized_weight().q, canonical["weight_q"])
+
+    other = QuantLinear.from_linear(nn.Linear(512, 48, bias=True), INT4).tile_()
+    other.load_state_dict(canonical)  # a canonical state into a tiled layer: tiled again
+    assert other.tiled and torch.equal(other.weight_q, layer.weight_q)
+    assert torch.equal(other(x), layer(x))
+
+
+def test_only_int4_codes_of_a_fitting_group_are_tiled():
+    assert not QuantLinear.from_linear(nn.Linear(256, 16), INT8).can_tile()
+    assert not QuantLinear.from_linear(nn.Linear(96, 16), QuantSpec(bits=4, group_size=16)).can_tile()
+    with pytest.raises(ValueError, match="cannot tile"):
+        QuantLinear.from_linear(nn.Linear(256, 16), INT8).tile_()
+    layer = QuantLinear.from_linear(nn.Linear(256, 16), INT4)  # on the CPU: quantized in the canonical order
+    assert not layer.tiled and tile_int4_linears_(nn.Sequential(layer), torch.float16) == 0  # CUDA layers only
 
 
 def test_quantized_bytes_matches_the_buffers():

@@ -42,9 +42,11 @@ def _layer(kind: str, n: int, k: int, seed: int, bias: bool = False) -> torch.nn
             lin.bias.copy_(torch.randn(n, generator=_gen(seed + 7)))
     if kind == "float16":
         return lin.half().to(DEVICE)
-    q = QuantLinear.from_linear(lin, QuantSpec(bits=int(kind[-1]), group_size=32))
+    q = QuantLinear.from_linear(lin, QuantSpec(bits=4 if kind.startswith("int4") else 8, group_size=32))
     if q.bias is not None:
         q.bias = q.bias.half()
+    if kind == "int4-tiled":  # (from_linear tiles float16 CUDA layers itself; this one was quantized on the CPU)
+        q.tile_()
     return q.to(DEVICE)
 
 
@@ -102,7 +104,7 @@ def test_norm_prep_takes_one_row():
         norm_prep(h.expand(2, 1, 64), gamma, EPS, torch.zeros(1, device=DEVICE))
 
 
-@pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["float16", "int8", "int4", "int4-tiled"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_norm_folded_into_the_product_matches_norm_then_product(kind, bias):
     h, gamma = _row(256, seed=3)
@@ -115,7 +117,7 @@ def test_a_norm_folded_into_the_product_matches_norm_then_product(kind, bias):
     assert err <= 4e-3 * want.float().abs().max().item(), err
 
 
-@pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["float16", "int8", "int4", "int4-tiled"])
 def test_a_large_residual_stream_times_a_large_norm_weight_does_not_overflow(kind):
     h, _ = _row(256, seed=16, scale=1.0)
     h[..., :8] = 30000.0  # a few huge dims, as real residual streams have
@@ -129,7 +131,7 @@ def test_a_large_residual_stream_times_a_large_norm_weight_does_not_overflow(kin
     assert err <= 4e-3 * want.float().abs().max().item(), err
 
 
-@pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["float16", "int8", "int4", "int4-tiled"])
 def test_swiglu_in_the_up_projection_matches_the_separate_kernel(kind):
     x, _ = _row(128, seed=5, scale=1.0)
     layer = _layer(kind, 2 * 40, 128, seed=6)  # 40 outputs: the last program is cut
@@ -140,7 +142,7 @@ def test_swiglu_in_the_up_projection_matches_the_separate_kernel(kind):
     assert err <= 2e-3 * want.float().abs().max().item(), err
 
 
-@pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["float16", "int8", "int4", "int4-tiled"])
 @pytest.mark.parametrize("exact", [True, False])
 def test_an_output_norm_writes_the_next_products_input(kind, exact):
     x, _ = _row(96, seed=7)
@@ -157,7 +159,7 @@ def test_an_output_norm_writes_the_next_products_input(kind, exact):
     assert abs(cell_value(cell) - ss) <= (1e-6 if exact else 1e-5) * ss
 
 
-@pytest.mark.parametrize("kind", ["float16", "int4"])
+@pytest.mark.parametrize("kind", ["float16", "int4", "int4-tiled"])
 def test_an_exact_output_norm_repeats_bit_for_bit(kind):
     """Many programs adding to one cell: the int64 sums (and the next product's input) repeat exactly. (On a GPU
     the programs finish in a different order each time; the interpreter runs them in order.)"""
@@ -177,7 +179,7 @@ def test_an_exact_output_norm_repeats_bit_for_bit(kind):
     assert abs(cell_value(runs[0][0]) - ss) <= 1e-6 * ss
 
 
-@pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["float16", "int8", "int4", "int4-tiled"])
 def test_a_rotary_and_cache_write_in_the_qkv_product_match_rope_write(kind):
     """ChatGLM2's layout in small: 4 query heads and 2 key/value heads of 16 dims, the first 8 of each rotating."""
     from glmrun.model import rotary_tables
@@ -224,8 +226,8 @@ def test_a_fused_product_needs_one_row():
         triton_quant_matmul(x, layer.weight_q, layer.weight_scale, layer.weight_zero, 8, 32, config, fusion=RowFusion())
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4])
-def test_a_fused_decode_row_matches_the_plain_layers(bits):
+@pytest.mark.parametrize(("bits", "tiled"), [(None, False), (8, False), (4, False), (4, True)])
+def test_a_fused_decode_row_matches_the_plain_layers(bits, tiled):
     """_run_row (norms and SwiGLU in the products) against run_layers' plain path on the same weights."""
     from glmrun.bench import random_model
     from glmrun.checkpoint import PRESETS
@@ -237,6 +239,8 @@ def test_a_fused_decode_row_matches_the_plain_layers(bits):
         for layer in model.layers:
             quantize_model_(layer, QuantSpec(bits=bits, group_size=32))
     model = model.to(DEVICE, torch.float16)
+    if tiled:
+        assert all(m.tile_().tiled for m in model.modules() if isinstance(m, QuantLinear))
     caches = [KVCache(config, rows=1, max_len=256, dtype=torch.float16, devices=[DEVICE] * 3) for _ in range(2)]
     prompt = torch.randint(5, 500, (1, 20), generator=_gen(12)).to(DEVICE)
     with torch.inference_mode():

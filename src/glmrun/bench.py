@@ -271,11 +271,12 @@ def run(args: argparse.Namespace) -> int:
         if cpu_half:  # float16 on the CPU: float16 matrices, float32 arithmetic (as glmrun.load does)
             half_weights_model_(model)
         if quant is not None:
-            from .quant import quantize_head_, quantize_model_
+            from .quant import quantize_head_, quantize_model_, tile_int4_linears_
 
             for layer in model.layers:
                 quantize_model_(layer, quant)
             quantize_head_(model, quant)
+            tile_int4_linears_(model, dtype)  # as glmrun.load does
         source = f"preset {args.preset} (random weights)"
     else:
         ckpt = resolve_checkpoint(args.model)

@@ -293,8 +293,11 @@ def load_model(
         # The output layer at 8 bits (QuantSpec.head_bits): 4 bits there would cost more quality than it saves.
         quantize_head_(model, quant)
     if quant is not None:
+        from .quant import tile_int4_linears_
+
         config = config.replace(quantization=quant)
         model.config = config
+        tile_int4_linears_(model, torch_dtype)  # CUDA INT4 codes in the one-row kernel's order
     elif cpu_half:
         from .cpu_linear import half_weights_model_
 

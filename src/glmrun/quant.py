@@ -9,7 +9,10 @@ The canonical (saved, portable) format of one ``[out, in]`` weight with group si
 * INT4, asymmetric: ``weight_q`` uint8 ``[out, in // 2]`` holding two 4-bit codes ``0..15`` per byte,
   ``weight_scale`` and ``weight_zero`` float16 ``[out, in // g]``; ``w ~= q * scale + zero``.
   Nibble order: input column ``2j`` sits in the LOW nibble of byte ``j`` and column ``2j + 1`` in the
-  HIGH nibble (``byte = q[2j] | q[2j + 1] << 4``), the order of a little-endian bit stream.
+  HIGH nibble (``byte = q[2j] | q[2j + 1] << 4``), the order of a little-endian bit stream. In memory, a
+  float16 INT4 layer on CUDA holds the same bytes permuted inside each group (``QuantLinear.tiled``,
+  :func:`glmrun.quant_kernels.tile_int4`: the one-row kernel's order); ``state_dict()`` gives them back in
+  this order, so saved folders never see the other.
 
 Why these choices:
 
@@ -46,9 +49,13 @@ from .quant_kernels import (
     KernelConfig,
     dequantize_rows,
     quant_matmul,
+    tile_int4,
+    tiled_int4_fits,
+    tiling_pays,
     triton_available,
     triton_config_for,
     triton_quant_matmul,
+    untile_int4,
 )
 from .row_fusion import RowFusion
 
@@ -62,6 +69,7 @@ __all__ = [
     "quantize_model_",
     "quantize_head_",
     "replace_with_empty_quant_linears_",
+    "tile_int4_linears_",
     "quantized_state_shapes",
     "quantized_bytes",
     "logit_agreement",
@@ -71,6 +79,7 @@ __all__ = [
 
 _SCALE_DTYPE = torch.float16
 _CHUNK_ELEMENTS = 1 << 22  # rows are quantized in chunks of ~4M weights so temporaries stay small
+_TILE_ROWS = 4096  # rows recoded at a time by QuantLinear.tile_ (temporaries of a few tens of MB)
 
 
 @dataclass(frozen=True)
@@ -254,7 +263,9 @@ class QuantLinear(nn.Module):
 
     The buffers are the canonical format (see the module docstring), so ``state_dict()`` saves with
     safetensors and loads back on any device. The CUDA path reads them directly with a fused Triton
-    kernel when Triton is installed; elsewhere rows are dequantized chunk by chunk.
+    kernel when Triton is installed; elsewhere rows are dequantized chunk by chunk. :meth:`tile_` puts a
+    CUDA INT4 layer's codes in the one-row kernel's order (``tiled``); ``state_dict()`` still gives the
+    canonical order, and a state loaded into a tiled layer is tiled again.
     """
 
     weight_q: Tensor
@@ -262,6 +273,7 @@ class QuantLinear(nn.Module):
     weight_zero: Tensor | None
     bias: Tensor | None
     adds_residual = True  # forward(x, residual) adds it (in the GEMV kernel on CUDA): glmrun.model.linear
+    tiled = False  # weight_q holds INT4 codes in quant_kernels.tile_int4's order
 
     def __init__(
         self,
@@ -287,7 +299,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
-        """Quantize ``linear``'s weight on its own device; the bias is kept as it is."""
+        """Quantize ``linear``'s weight on its own device (tiled: float16 INT4 on CUDA); the bias is kept as it is."""
         weight = linear.weight
         has_bias = linear.bias is not None
         bias_dtype = linear.bias.dtype if linear.bias is not None else weight.dtype
@@ -297,17 +309,59 @@ class QuantLinear(nn.Module):
         module.weight_scale = qw.scale
         module.weight_zero = qw.zero
         module.bias = linear.bias.detach().clone() if linear.bias is not None else None
+        if weight.is_cuda and weight.dtype == torch.float16 and triton_available() and module.tiling_pays():
+            module.tile_()  # a float16 layer on CUDA runs the tiled one-row kernel
         return module
 
     def quantized_weight(self) -> QuantizedWeight:
+        """The weight in the canonical format (a canonical copy of the codes when they are tiled)."""
         return QuantizedWeight(
             self.spec.bits,
             self.spec.group_size,
             (self.out_features, self.in_features),
-            self.weight_q,
+            self._canonical_codes(),
             self.weight_scale,
             self.weight_zero,
         )
+
+    def can_tile(self) -> bool:
+        """Whether :meth:`tile_` applies: INT4 codes whose group size tile_int4 takes (any device; only the CUDA
+        one-row kernel gains from it, other paths read tiled codes at the cost of reordering them)."""
+        return self.spec.bits == 4 and tiled_int4_fits(self.spec.group_size, self.in_features)
+
+    def tiling_pays(self) -> bool:
+        """Whether tiling makes this layer's CUDA one-row product faster (quant_kernels.tiling_pays)."""
+        return self.can_tile() and tiling_pays(self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def tile_(self) -> QuantLinear:
+        """Put the INT4 codes in the one-row kernel's order, in place (a few thousand rows at a time)."""
+        if self.tiled:
+            return self
+        if not self.can_tile():
+            raise ValueError(f"cannot tile this layer: {self.extra_repr()}")
+        self._recode_(tile_int4)
+        self.tiled = True
+        return self
+
+    def _recode_(self, fn: Callable[[Tensor, int], Tensor]) -> None:
+        q = self.weight_q
+        for r0 in range(0, q.shape[0], _TILE_ROWS):
+            q[r0 : r0 + _TILE_ROWS] = fn(q[r0 : r0 + _TILE_ROWS], self.spec.group_size)
+
+    def _canonical_codes(self) -> Tensor:
+        return untile_int4(self.weight_q, self.spec.group_size) if self.tiled else self.weight_q
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:  # saved folders (and any other reader of the state) get the canonical order
+            destination[prefix + "weight_q"] = self._canonical_codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.tiled:  # the state holds canonical codes
+            self.tiled = False
+            self.tile_()
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``x @ W.T + bias``, plus ``residual`` (``[..., out]``) when given (fused into the kernel on CUDA)."""
@@ -324,11 +378,13 @@ class QuantLinear(nn.Module):
             self.spec.group_size,
             self.bias,
             res,
+            tiled=self.tiled,
         )  # [M, out]
         return y.view(*x.shape[:-1], self.out_features)
 
     def _row_config(self) -> KernelConfig | None:
-        return triton_config_for(1, self.out_features, self.in_features, self.spec.group_size, self.spec.bits)
+        k, group = self.in_features, self.spec.group_size
+        return triton_config_for(1, self.out_features, k, group, self.spec.bits, tiled=self.tiled)
 
     def row_fusable(self, x: Tensor) -> bool:
         """Whether :meth:`row_product` serves ``x`` (one row on CUDA, float16/bfloat16, the one-row kernel)."""
@@ -345,13 +401,15 @@ class QuantLinear(nn.Module):
         res = residual.reshape(1, -1) if residual is not None else None
         bits, group = self.spec.bits, self.spec.group_size
         q, s, z = self.weight_q, self.weight_scale, self.weight_zero
-        y = triton_quant_matmul(x.reshape(1, -1), q, s, z, bits, group, config, self.bias, res, fusion)
+        y = triton_quant_matmul(
+            x.reshape(1, -1), q, s, z, bits, group, config, self.bias, res, fusion, tiled=self.tiled
+        )
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
-            f"group_size={self.spec.group_size}, bias={self.bias is not None}"
+            f"group_size={self.spec.group_size}, bias={self.bias is not None}" + (", tiled" if self.tiled else "")
         )
 
 
@@ -399,6 +457,18 @@ def quantize_model_(model: nn.Module, spec: QuantSpec, *, skip: Callable[[str], 
             _set_submodule(model, name, QuantLinear.from_linear(linear, spec))
         del linear  # the model no longer references it; its weight is freed unless shared elsewhere
     return len(found)
+
+
+def tile_int4_linears_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Tile (:meth:`QuantLinear.tile_`) every INT4 layer of ``model`` on CUDA whose shape gains from it, when the model
+    runs in float16 (the tiled kernel's arithmetic; other dtypes keep the canonical order). Returns the count tiled."""
+    if dtype != torch.float16 or not triton_available():
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and not m.tiled and m.tiling_pays()]
+    layers = [m for m in layers if m.weight_q.is_cuda]
+    for layer in layers:
+        layer.tile_()
+    return len(layers)
 
 
 def quantize_head_(model: nn.Module, spec: QuantSpec) -> int:

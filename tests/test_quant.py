@@ -247,6 +247,10 @@ def test_a_tiled_layer_computes_and_saves_as_the_canonical_one():
     assert other.tiled and torch.equal(other.weight_q, layer.weight_q)
     assert torch.equal(other(x), layer(x))
 
+    storage = layer.weight_q.data_ptr()
+    assert layer.untile_() is layer and not layer.tiled  # back in place, the same storage
+    assert layer.weight_q.data_ptr() == storage and torch.equal(layer.weight_q, canonical["weight_q"])
+
 
 def test_only_int4_codes_of_a_fitting_group_are_tiled():
     assert not QuantLinear.from_linear(nn.Linear(256, 16), INT8).can_tile()

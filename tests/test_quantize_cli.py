@@ -72,6 +72,25 @@ def test_saved_quantized_folder_loads_and_matches_on_load_quantization(folder, t
         assert head.weight_q.dtype == torch.int8  # the output layer is saved at 8 bits whatever the layers' bits
 
 
+def test_a_model_with_tiled_int4_layers_saves_the_canonical_codes(folder, tmp_path):
+    """What a CUDA float16 model holds (tiled INT4 codes, glmrun.quant_kernels.tile_int4) is saved in the canonical
+    order: the folder equals one saved from the untiled model."""
+    from glmrun.quant import QuantLinear
+
+    spec = glmrun.QuantSpec(4, 32)
+    ckpt = resolve_checkpoint(folder)
+    plain, _ = load_model(ckpt, dtype="float32", device="cpu", quantize=spec, progress=False)
+    tiled, _ = load_model(ckpt, dtype="float32", device="cpu", quantize=spec, progress=False)
+    layers = [m for m in tiled.modules() if isinstance(m, QuantLinear) and m.can_tile()]
+    assert layers and all(m.tile_().tiled for m in layers)
+    for model, name in ((plain, "plain"), (tiled, "tiled")):
+        (tmp_path / name).mkdir()
+        save_quantized(model, model.config.to_chatglm_dict(), folder, tmp_path / name)
+    assert not any(m.tiled for m in layers)  # put back in place before the state was taken
+    want, got = (load_file(str(next((tmp_path / n).glob("*.safetensors")))) for n in ("plain", "tiled"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_folder_in_the_first_saved_format_still_loads(folder, tmp_path):
     """A config without ``head_bits`` and ``int8_zero``: symmetric INT8 layers and a float output layer."""
     first_format = glmrun.QuantSpec(8, 32, head_bits=None, int8_zero=False)

@@ -344,6 +344,14 @@ class QuantLinear(nn.Module):
         self.tiled = True
         return self
 
+    @torch.no_grad()
+    def untile_(self) -> QuantLinear:
+        """Put tiled codes back in the canonical order, in place (before saving a large model: no second copy)."""
+        if self.tiled:
+            self._recode_(untile_int4)
+            self.tiled = False
+        return self
+
     def _recode_(self, fn: Callable[[Tensor, int], Tensor]) -> None:
         q = self.weight_q
         for r0 in range(0, q.shape[0], _TILE_ROWS):

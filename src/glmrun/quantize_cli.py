@@ -45,7 +45,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def save_quantized(model: torch.nn.Module, config_dict: dict, source: Path, out: Path) -> int:
-    """Write ``model``'s state (packed weights included) as safetensors shards plus config and tokenizer."""
+    """Write ``model``'s state (packed weights included) as safetensors shards plus config and tokenizer.
+
+    Tiled INT4 layers (quantized on CUDA) are put back in the canonical order in place first, so the state needs no
+    second copy of the codes on the GPU."""
+    from .quant import QuantLinear
+
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.untile_()
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     names = list(state)
     sizes = [state[n].numel() * state[n].element_size() for n in names]

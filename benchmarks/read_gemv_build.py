@@ -7,7 +7,9 @@ instruction count, CTA barriers, loads and shuffles: what the thirteenth session
 16 barriers an iteration (`results/README.md`). ``--shape`` picks ChatGLM2-6B's product and the fusions the
 model gives it (qkv: input norm + rotary; dense, down: residual + output norm; up: input norm + SwiGLU).
 Triton's own cuobjdump (shipped in its NVIDIA backend) disassembles the cubin. ``--dump`` also writes the
-PTX and TTGIR next to the SASS.
+PTX and TTGIR next to the SASS. ``--tiled`` reads the tiled INT4 kernel instead (``_q4tiled_gemv_kernel``, ``--groups``
+groups of 128 a step; the model's settings: ``--block-n 4 --warps 4``, ``--groups 8``, 16 for down): the fourteenth
+session's 0 barriers an iteration.
 """
 
 from __future__ import annotations

@@ -91,6 +91,23 @@ def test_a_model_with_tiled_int4_layers_saves_the_canonical_codes(folder, tmp_pa
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_a_float16_folder_quantized_on_the_cpu_is_written_in_float16(folder, tmp_path):
+    """The CPU computes in float32 whatever --dtype says; the saved float tensors are still --dtype's (they were
+    float32: twice the bytes of a float16 folder's embedding, under a config that says float16)."""
+    out = tmp_path / "f16"
+    args = ["quantize", "--model", str(folder), "--to", "int4", "--out", str(out), "--group-size", "32"]
+    assert main([*args, "--dtype", "float16"]) == 0
+    state = load_file(str(next(out.glob("*.safetensors"))))
+    assert state["transformer.embedding.word_embeddings.weight"].dtype == torch.float16
+    assert state["transformer.encoder.final_layernorm.weight"].dtype == torch.float16
+    assert state["transformer.encoder.layers.0.self_attention.query_key_value.weight_scale"].dtype == torch.float16
+    assert state["transformer.encoder.layers.0.self_attention.query_key_value.weight_q"].dtype == torch.uint8
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    with glmrun.load(out, device="cpu", progress=False) as saved:
+        reply = saved.chat("你好", max_new_tokens=4, do_sample=False)
+        assert reply.result.completion_tokens >= 1 or reply.result.finish_reason == "stop"
+
+
 def test_folder_in_the_first_saved_format_still_loads(folder, tmp_path):
     """A config without ``head_bits`` and ``int8_zero``: symmetric INT8 layers and a float output layer."""
     first_format = glmrun.QuantSpec(8, 32, head_bits=None, int8_zero=False)

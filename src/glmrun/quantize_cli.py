@@ -44,17 +44,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
-def save_quantized(model: torch.nn.Module, config_dict: dict, source: Path, out: Path) -> int:
+def save_quantized(
+    model: torch.nn.Module, config_dict: dict, source: Path, out: Path, dtype: torch.dtype | None = None
+) -> int:
     """Write ``model``'s state (packed weights included) as safetensors shards plus config and tokenizer.
 
-    Tiled INT4 layers (quantized on CUDA) are put back in the canonical order in place first, so the state needs no
-    second copy of the codes on the GPU."""
+    ``dtype``: the float tensors' dtype on disk (the embedding, norms, biases; scales and zeros stay float16). A
+    model loaded on the CPU computes in float32 whatever its dtype, so without it a float16 folder would be written
+    in float32. Tiled INT4 layers (quantized on CUDA) are put back in the canonical order in place first, so the
+    state needs no second copy of the codes on the GPU."""
     from .quant import QuantLinear
 
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.untile_()
-    state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    state = {name: _on_disk(name, t.detach(), dtype) for name, t in model.state_dict().items()}
     names = list(state)
     sizes = [state[n].numel() * state[n].element_size() for n in names]
     shards = max(1, min(len(names), -(-sum(sizes) // _SHARD_BYTES)))
@@ -74,6 +78,13 @@ def save_quantized(model: torch.nn.Module, config_dict: dict, source: Path, out:
     return sum(sizes)
 
 
+def _on_disk(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    side = name.endswith(("weight_scale", "weight_zero"))  # quantized side data: float16 by format
+    if dtype is not None and t.is_floating_point() and not side:
+        t = t.to(dtype)
+    return t.to("cpu").contiguous()
+
+
 def run(args: argparse.Namespace) -> int:
     from .api import parse_quantize
     from .loader import load_model, resolve_checkpoint
@@ -91,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_model(ckpt, dtype=args.dtype, device=args.device, quantize=spec, progress=True)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config.replace(torch_dtype=args.dtype)
-    total = save_quantized(model, config.to_chatglm_dict(), ckpt.path, out)
+    total = save_quantized(model, config.to_chatglm_dict(), ckpt.path, out, getattr(torch, args.dtype))
     print(
         f"wrote {spec.name} (group {spec.group_size}) copy of {ckpt.path} to {out}: {total / 1e9:.2f} GB",
         file=sys.stdout,

@@ -108,6 +108,27 @@ def test_a_float16_folder_quantized_on_the_cpu_is_written_in_float16(folder, tmp
         assert reply.result.completion_tokens >= 1 or reply.result.finish_reason == "stop"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_folder_quantized_on_cuda_holds_canonical_codes_and_loads_tiled(folder, tmp_path):
+    """On CUDA in float16 the INT4 layers hold tiled codes; the folder gets the canonical ones, and loading it on CUDA
+    tiles them again and computes what on-load quantization computes."""
+    out = tmp_path / "cuda"
+    args = ["quantize", "--model", str(folder), "--to", "int4", "--out", str(out), "--group-size", "32"]
+    assert main([*args, "--device", "cuda", "--dtype", "float16"]) == 0
+    ids = torch.tensor([[64790, 64792, 36474, 54591, 13, 30910]])
+    spec = glmrun.QuantSpec(4, 32)
+    with (
+        glmrun.load(out, device="cuda", dtype="float16", progress=False) as saved,
+        glmrun.load(folder, device="cuda", dtype="float16", quantize=spec, progress=False) as onload,
+    ):
+        tiled = [[m for m in s.engine.model.modules() if getattr(m, "tiled", False)] for s in (saved, onload)]
+        assert len(tiled[0]) == len(tiled[1]) > 0
+        for a, b in zip(tiled[0], tiled[1], strict=True):
+            assert torch.equal(a.weight_q, b.weight_q)
+        assert torch.equal(glmrun.compat.CompatModel(saved)(ids).logits, glmrun.compat.CompatModel(onload)(ids).logits)
+
+
 def test_folder_in_the_first_saved_format_still_loads(folder, tmp_path):
     """A config without ``head_bits`` and ``int8_zero``: symmetric INT8 layers and a float output layer."""
     first_format = glmrun.QuantSpec(8, 32, head_bits=None, int8_zero=False)

@@ -61,8 +61,7 @@ def main() -> int:
         BITS=args.bits, HAS_ZERO=True, GROUP=128, GROUPS_PER_BLOCK=block_k // 128, BLOCK_N=args.block_n,
         BLOCK_K=block_k, SPLIT_K=1, EVEN_K=k % block_k == 0, HAS_BIAS=rope, HAS_RES=out_norm, HALF2=args.bits == 4,
         ROWS=args.block_n * (2 if glu else 1), IN_NORM=glu or rope, GLU=glu, OUT_NORM=out_norm, ROPE=rope,
-        HEAD_DIM=128 if rope else 1, STAGES=1, PDL=args.pdl, NG=block_k // 128, WORDS=16, EVEN=k % block_k == 0,
-        ASM=True,
+        HEAD_DIM=128 if rope else 1, STAGES=1, PDL=args.pdl, NG=block_k // 128, WORDS=16, ASM=True,
     )  # fmt: skip
     names = fn.arg_names
     const = {n: v for n, v in const.items() if n in names}

@@ -271,12 +271,11 @@ def run(args: argparse.Namespace) -> int:
         if cpu_half:  # float16 on the CPU: float16 matrices, float32 arithmetic (as glmrun.load does)
             half_weights_model_(model)
         if quant is not None:
-            from .quant import quantize_head_, quantize_model_, tile_int4_linears_
+            from .quant import quantize_head_, quantize_model_
 
             for layer in model.layers:
-                quantize_model_(layer, quant)
+                quantize_model_(layer, quant)  # (float16 INT4 layers on CUDA come out tiled, as glmrun.load's)
             quantize_head_(model, quant)
-            tile_int4_linears_(model, dtype)  # as glmrun.load does
         source = f"preset {args.preset} (random weights)"
     else:
         ckpt = resolve_checkpoint(args.model)

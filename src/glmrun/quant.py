@@ -309,7 +309,7 @@ class QuantLinear(nn.Module):
         module.weight_scale = qw.scale
         module.weight_zero = qw.zero
         module.bias = linear.bias.detach().clone() if linear.bias is not None else None
-        if weight.is_cuda and weight.dtype == torch.float16 and triton_available() and module.tiling_pays():
+        if module.tiling_pays_on(weight.dtype):
             module.tile_()  # a float16 layer on CUDA runs the tiled one-row kernel
         return module
 
@@ -329,9 +329,16 @@ class QuantLinear(nn.Module):
         one-row kernel gains from it, other paths read tiled codes at the cost of reordering them)."""
         return self.spec.bits == 4 and tiled_int4_fits(self.spec.group_size, self.in_features)
 
-    def tiling_pays(self) -> bool:
-        """Whether tiling makes this layer's CUDA one-row product faster (quant_kernels.tiling_pays)."""
-        return self.can_tile() and tiling_pays(self.out_features, self.in_features)
+    def tiling_pays_on(self, dtype: torch.dtype) -> bool:
+        """Whether tiling makes this layer's one-row product faster when the model runs in ``dtype``: float16 on CUDA
+        with Triton (the tiled kernel's arithmetic) and a shape where it was faster (quant_kernels.tiling_pays)."""
+        return (
+            dtype == torch.float16
+            and self.weight_q.is_cuda
+            and triton_available()
+            and self.can_tile()
+            and tiling_pays(self.out_features, self.in_features)
+        )
 
     @torch.no_grad()
     def tile_(self) -> QuantLinear:
@@ -468,12 +475,10 @@ def quantize_model_(model: nn.Module, spec: QuantSpec, *, skip: Callable[[str], 
 
 
 def tile_int4_linears_(model: nn.Module, dtype: torch.dtype) -> int:
-    """Tile (:meth:`QuantLinear.tile_`) every INT4 layer of ``model`` on CUDA whose shape gains from it, when the model
-    runs in float16 (the tiled kernel's arithmetic; other dtypes keep the canonical order). Returns the count tiled."""
-    if dtype != torch.float16 or not triton_available():
-        return 0
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and not m.tiled and m.tiling_pays()]
-    layers = [m for m in layers if m.weight_q.is_cuda]
+    """Tile (:meth:`QuantLinear.tile_`) every layer of ``model`` that gains from it running in ``dtype``
+    (:meth:`QuantLinear.tiling_pays_on`): a saved folder's layers, which :meth:`QuantLinear.from_linear` did not make.
+    Returns the count tiled."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and not m.tiled and m.tiling_pays_on(dtype)]
     for layer in layers:
         layer.tile_()
     return len(layers)

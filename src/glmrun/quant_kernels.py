@@ -80,17 +80,6 @@ def tiling_pays(out_features: int, in_features: int) -> bool:
     return out_features < 4 * in_features
 
 
-def tile_int4(q: Tensor, group_size: int) -> Tensor:
-    """Canonical INT4 codes ``uint8 [N, K/2]`` (low nibble = even column) in the tiled order (see above)."""
-    n, k = q.shape[0], q.shape[1] * 2
-    if not tiled_int4_fits(group_size, k):
-        raise ValueError(f"INT4 codes of group size {group_size} over {k} columns cannot take the tiled order")
-    words = group_size // 8
-    codes = torch.stack((q & 15, q >> 4), dim=-1).view(n, k // group_size, 4, words, 2)  # [n, g, i, j, h]
-    nib = codes.permute(0, 1, 3, 4, 2).reshape(n, k // group_size, words, 4, 2)  # [n, g, j, byte, lo/hi]
-    return (nib[..., 0] | (nib[..., 1] << 4)).reshape(n, k // 2).contiguous()
-
-
 @functools.lru_cache(maxsize=32)
 def tiled_columns(group_size: int, in_features: int, device: torch.device) -> Tensor:
     """The input column of each code of tiled INT4 codes read in the canonical way (byte b: codes 2b, 2b + 1)."""
@@ -100,15 +89,28 @@ def tiled_columns(group_size: int, in_features: int, device: torch.device) -> Te
     return group + 2 * ((group_size // 8) * (nibble % 4) + word) + nibble // 4
 
 
+def tile_int4(q: Tensor, group_size: int) -> Tensor:
+    """Canonical INT4 codes ``uint8 [N, K/2]`` (low nibble = even column) in the tiled order (see above)."""
+    codes, columns = _codes_and_columns(q, group_size)
+    return _packed(codes.index_select(1, columns))
+
+
 def untile_int4(q: Tensor, group_size: int) -> Tensor:
     """Tiled INT4 codes back in the canonical order (the inverse of :func:`tile_int4`)."""
+    codes, columns = _codes_and_columns(q, group_size)
+    return _packed(torch.empty_like(codes).index_copy_(1, columns, codes))
+
+
+def _codes_and_columns(q: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """``q``'s codes ``[N, K]`` as stored (byte b: codes 2b, 2b + 1) and :func:`tiled_columns` for them."""
     n, k = q.shape[0], q.shape[1] * 2
     if not tiled_int4_fits(group_size, k):
         raise ValueError(f"INT4 codes of group size {group_size} over {k} columns cannot take the tiled order")
-    words = group_size // 8
-    nib = torch.stack((q & 15, q >> 4), dim=-1).view(n, k // group_size, words, 2, 4)  # [n, g, j, h, i]
-    codes = nib.permute(0, 1, 4, 2, 3).reshape(n, k // 2, 2)  # [n, (g, i, j), (h)]: column pairs in order
-    return (codes[..., 0] | (codes[..., 1] << 4)).contiguous()
+    return torch.stack((q & 15, q >> 4), dim=-1).view(n, k), tiled_columns(group_size, k, q.device)
+
+
+def _packed(codes: Tensor) -> Tensor:
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
 # -- the portable path -------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def _check_tiled(config: KernelConfig, bits: int, group_size: int, k: int) -> No
             raise ValueError(
                 f"the tiled one-row kernel takes whole groups a block (a power of two), no split: {config}"
             )
-    elif group_size % config.block_k or k % config.block_k:
+    elif not _block_k_fits(config.block_k, group_size, k, config.kind, bits):
         raise ValueError(f"block_k {config.block_k} does not fit group_size {group_size} and K {k}")
 
 
